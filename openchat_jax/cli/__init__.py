@@ -1,0 +1,55 @@
+"""`openchat-jax <command>`: each command lives in its own module here, which only parses
+arguments and calls the library. A module provides `register(subparsers)` that adds its
+parser and sets `func` to a callable taking the parsed namespace and returning an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from openchat_jax.errors import OpenChatError
+
+# command name -> module under openchat_jax.cli (imported lazily so `--help` stays fast).
+COMMANDS = {
+    "convert": "convert",
+    "prepare": "prepare",
+    "train": "train",
+    "bench": "bench",
+    "generate": "generate",
+    "chat": "chat",
+    "demo": "demo",
+    "plan": "plan",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openchat-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        try:
+            mod = importlib.import_module(f"openchat_jax.cli.{module}")
+        except ModuleNotFoundError as e:
+            if e.name == f"openchat_jax.cli.{module}":
+                continue  # command not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first if first in COMMANDS else None)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OpenChatError as e:
+        print(f"openchat-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
