@@ -1,0 +1,95 @@
+"""Model shapes. Field names follow DESIGN.md's logical axes (embed, heads, kv_heads, head_dim, mlp)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from openchat_jax.errors import ConfigError
+
+REMAT_POLICIES = ("none", "full", "dots", "minimal")
+ATTENTION_BACKENDS = ("xla", "splash", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    embed: int = 4096  # hidden size
+    mlp: int = 11008  # intermediate size
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "full"  # one of REMAT_POLICIES
+    attention: str = "xla"  # one of ATTENTION_BACKENDS
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even (rotary embeddings)")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention={self.attention!r}: choose one of {ATTENTION_BACKENDS}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is not a dtype") from None
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        per_layer = (
+            2 * self.embed  # two RMSNorm scales
+            + self.embed * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)  # q, o, k, v
+            + 3 * self.embed * self.mlp
+        )
+        return self.num_layers * per_layer + 2 * self.vocab_size * self.embed + self.embed
+
+    def to_config_dict(self) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(dataclasses.asdict(self))
+
+    @classmethod
+    def from_config_dict(cls, cfg: ml_collections.ConfigDict | dict) -> "LlamaConfig":
+        values = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config fields: {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# Llama-2 shapes from the paper (Touvron et al. 2023, Table 1) and the released config.json files.
+LLAMA2_7B = LlamaConfig(embed=4096, mlp=11008, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
+LLAMA2_13B = LlamaConfig(embed=5120, mlp=13824, num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128)
+LLAMA2_70B = LlamaConfig(embed=8192, mlp=28672, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128)
+# Trains on one CPU in minutes; vocab_size is set from the tokenizer by the configs that use it.
+TINY = LlamaConfig(
+    vocab_size=512, embed=128, mlp=344, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+    max_position_embeddings=2048, dtype="float32", remat_policy="none",
+)
+
+PRESETS = {"llama2_7b": LLAMA2_7B, "llama2_13b": LLAMA2_13B, "llama2_70b": LLAMA2_70B, "tiny": TINY}

@@ -1,0 +1,238 @@
+"""Llama-2 in Flax NNX, readable top to bottom.
+
+The NNX module owns the parameters (each an nnx.Param with `logical_axes` metadata); the math is
+one pure function, `forward(params, cfg, ...)`, over a plain dict of arrays, so the train step can
+jit/shard/differentiate a pytree and layers can run as one `lax.scan` over stacked weights
+(compile time independent of depth). Numerics follow transformers' LlamaForCausalLM: RMSNorm in
+float32, rotary embeddings in the rotate-half convention, grouped-query attention, SwiGLU MLP,
+untied embedding and LM head.
+
+Weight layout (Ly layers, E embed, H heads, K kv_heads, D head_dim, M mlp, V vocab):
+  embed [V, E]; blocks.{attn_norm, mlp_norm} [Ly, E]; blocks.wq [Ly, E, H, D];
+  blocks.{wk, wv} [Ly, E, K, D]; blocks.wo [Ly, H, D, E]; blocks.{w_gate, w_up} [Ly, E, M];
+  blocks.w_down [Ly, M, E]; final_norm [E]; lm_head [E, V].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from openchat_jax.model.attention import get_backend
+from openchat_jax.model.config import LlamaConfig
+from openchat_jax.model.partitioning import constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
+    """name -> (shape, logical axes, initialiser name); the single source of the weight layout."""
+    Ly, E, H, K, D, M, V = (
+        cfg.num_layers, cfg.embed, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp, cfg.vocab_size,
+    )
+    return {
+        "embed": ((V, E), ("vocab", "embed"), "normal"),
+        "blocks": {
+            "attn_norm": ((Ly, E), ("layers", "embed"), "ones"),
+            "wq": ((Ly, E, H, D), ("layers", "embed", "heads", "head_dim"), "normal"),
+            "wk": ((Ly, E, K, D), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+            "wv": ((Ly, E, K, D), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+            "wo": ((Ly, H, D, E), ("layers", "heads", "head_dim", "embed"), "normal"),
+            "mlp_norm": ((Ly, E), ("layers", "embed"), "ones"),
+            "w_gate": ((Ly, E, M), ("layers", "embed", "mlp"), "normal"),
+            "w_up": ((Ly, E, M), ("layers", "embed", "mlp"), "normal"),
+            "w_down": ((Ly, M, E), ("layers", "mlp", "embed"), "normal"),
+        },
+        "final_norm": ((E,), ("embed",), "ones"),
+        "lm_head": ((E, V), ("embed", "vocab"), "normal"),
+    }
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], tuple)
+
+
+def param_logical_axes(cfg: LlamaConfig) -> dict[str, Any]:
+    """The params pytree's structure with a tuple of logical axis names at each leaf."""
+    return jax.tree.map(lambda s: s[1], param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shapes(cfg: LlamaConfig) -> dict[str, Any]:
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s[0], cfg.weight_dtype), param_specs(cfg), is_leaf=_is_spec
+    )
+
+
+class _Group(nnx.Module):
+    """A plain container so params nest as in `param_specs` (e.g. `blocks.wq`)."""
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+
+        def build(spec: tuple) -> nnx.Param:
+            shape, axes, init = spec
+            if init == "ones":
+                value = jnp.ones(shape, cfg.weight_dtype)
+            else:
+                value = cfg.init_std * jax.random.normal(rngs.params(), shape, cfg.weight_dtype)
+            return nnx.Param(value, logical_axes=axes)
+
+        specs = param_specs(cfg)
+        self.embed = build(specs["embed"])
+        self.blocks = _Group()
+        for name, spec in specs["blocks"].items():
+            setattr(self.blocks, name, build(spec))
+        self.final_norm = build(specs["final_norm"])
+        self.lm_head = build(specs["lm_head"])
+
+    def params(self) -> Params:
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, **kwargs: Any):
+        return forward(self.params(), self.cfg, tokens, positions, segment_ids, **kwargs)
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
+    """Random parameters as a plain dict (call under jit with out_shardings to create them sharded)."""
+    return Llama(cfg, rngs=nnx.Rngs(params=key)).params()
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+    angles_BxLxD = jnp.concatenate([freqs_BxLxD2, freqs_BxLxD2], axis=-1)
+    return jnp.sin(angles_BxLxD), jnp.cos(angles_BxLxD)
+
+
+def apply_rope(x_BxLxHxD: jax.Array, sin_BxLxD: jax.Array, cos_BxLxD: jax.Array) -> jax.Array:
+    """HF's rotate-half convention: x * cos + rotate_half(x) * sin, computed in float32."""
+    x = x_BxLxHxD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos_BxLxD[:, :, None, :] + rotated * sin_BxLxD[:, :, None, :]
+    return out.astype(x_BxLxHxD.dtype)
+
+
+def _remat(fn, policy: str, scanned: bool):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "minimal": jax.checkpoint_policies.save_only_these_names(
+            "query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up"
+        ),
+    }
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
+    """An empty KV cache: slots hold segment id 0 until written, so they are never attended to."""
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_length), jnp.int32),
+    }
+
+
+def forward(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens_BxL: jax.Array,
+    positions_BxL: jax.Array,
+    segment_ids_BxL: jax.Array,
+    *,
+    cache: Cache | None = None,
+    cache_index: jax.Array | int = 0,
+    return_hidden: bool = False,
+):
+    """Logits [B, L, V] in float32.
+
+    With `cache`, the new keys/values are written at slots [cache_index, cache_index + L) and the
+    queries attend to every slot written so far; returns (logits, new_cache). With
+    `return_hidden`, also returns each layer's output [Ly, B, L, E] (before the final norm).
+    """
+    dtype = cfg.compute_dtype
+    attend = get_backend(cfg.attention)
+    x_BxLxE = jnp.take(params["embed"], tokens_BxL, axis=0).astype(dtype)
+    x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
+    sin_BxLxD, cos_BxLxD = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
+
+    if cache is None:
+        kv_segment_ids_BxS = segment_ids_BxL
+    else:
+        kv_segment_ids_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, cache_index))
+    q_offset = 0 if cache is None else cache_index
+
+    def layer(x_BxLxE: jax.Array, p: Params, kv: tuple[jax.Array, jax.Array] | None):
+        h = rms_norm(x_BxLxE, p["attn_norm"], cfg.rms_norm_eps)
+        q_BxLxHxD = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, p["wq"].astype(dtype)), "query_proj")
+        k_BxLxKxD = checkpoint_name(jnp.einsum("ble,ekd->blkd", h, p["wk"].astype(dtype)), "key_proj")
+        v_BxLxKxD = checkpoint_name(jnp.einsum("ble,ekd->blkd", h, p["wv"].astype(dtype)), "value_proj")
+        q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, sin_BxLxD, cos_BxLxD), ("batch", "length", "heads", "head_dim"))
+        k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, sin_BxLxD, cos_BxLxD), ("batch", "length", "kv_heads", "head_dim"))
+        if kv is None:
+            k_all, v_all, new_kv = k_BxLxKxD, v_BxLxKxD, None
+        else:
+            k_all = jax.lax.dynamic_update_slice(kv[0], k_BxLxKxD.astype(kv[0].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(kv[1], v_BxLxKxD.astype(kv[1].dtype), (0, cache_index, 0, 0))
+            new_kv = (k_all, v_all)
+        attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset)
+        attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
+        x_BxLxE = x_BxLxE + jnp.einsum("blhd,hde->ble", attn_BxLxHxD, p["wo"].astype(dtype))
+        h = rms_norm(x_BxLxE, p["mlp_norm"], cfg.rms_norm_eps)
+        gate_BxLxM = checkpoint_name(jnp.einsum("ble,em->blm", h, p["w_gate"].astype(dtype)), "mlp_gate")
+        up_BxLxM = checkpoint_name(jnp.einsum("ble,em->blm", h, p["w_up"].astype(dtype)), "mlp_up")
+        hidden_BxLxM = constrain(jax.nn.silu(gate_BxLxM) * up_BxLxM, ("batch", "length", "mlp"))
+        x_BxLxE = x_BxLxE + jnp.einsum("blm,me->ble", hidden_BxLxM, p["w_down"].astype(dtype))
+        x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
+        return x_BxLxE, new_kv
+
+    layer = _remat(layer, cfg.remat_policy, cfg.scan_layers)
+    kvs = None if cache is None else (cache["k"], cache["v"])
+
+    if cfg.scan_layers:
+        def body(x, xs):
+            p, kv = xs
+            x, new_kv = layer(x, p, kv)
+            return x, (new_kv, x if return_hidden else None)
+
+        x_BxLxE, (new_kvs, hidden) = jax.lax.scan(body, x_BxLxE, (params["blocks"], kvs))
+    else:
+        outs, hiddens = [], []
+        for i in range(cfg.num_layers):
+            p_i = jax.tree.map(lambda a: a[i], params["blocks"])
+            kv_i = None if kvs is None else (kvs[0][i], kvs[1][i])
+            x_BxLxE, new_kv = layer(x_BxLxE, p_i, kv_i)
+            outs.append(new_kv)
+            hiddens.append(x_BxLxE)
+        new_kvs = None if kvs is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+        hidden = jnp.stack(hiddens) if return_hidden else None
+
+    x_BxLxE = rms_norm(x_BxLxE, params["final_norm"], cfg.rms_norm_eps)
+    logits_BxLxV = jnp.einsum(
+        "ble,ev->blv", x_BxLxE, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32
+    )
+    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+    outputs: list[Any] = [logits_BxLxV]
+    if cache is not None:
+        outputs.append({"k": new_kvs[0], "v": new_kvs[1], "segment_ids": kv_segment_ids_BxS})
+    if return_hidden:
+        outputs.append(hidden)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -1,0 +1,59 @@
+"""Logical axis names -> mesh sharding. The model tags weights (`logical_axes` metadata on each
+nnx.Param) and key activations (`constrain`); the train side chooses the mesh and the rules table
+and activates them with `use_rules`. Without active rules, `constrain` does nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None (replicated).
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("openchat_rules", default=None)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
+    """Map logical axes to a PartitionSpec. A mesh axis is used at most once per array (the first
+    logical axis that claims it wins) and mesh axes of size 1 are dropped."""
+    table: dict[str, tuple[str, ...]] = {}
+    for logical, physical in rules:
+        if logical in table:
+            continue
+        if physical is None:
+            table[logical] = ()
+        elif isinstance(physical, str):
+            table[logical] = (physical,)
+        else:
+            table[logical] = tuple(physical)
+    used: set[str] = set()
+    spec = []
+    for axis in axes:
+        physical = tuple(
+            p for p in table.get(axis, ()) if p not in used and (mesh is None or mesh.shape.get(p, 1) > 1)
+        ) if axis is not None else ()
+        used.update(physical)
+        spec.append(None if not physical else physical[0] if len(physical) == 1 else physical)
+    return PartitionSpec(*spec)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical axes, if rules are active."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
