@@ -1,0 +1,245 @@
+"""The one conversation template, used for training examples and for inference prompts.
+
+Token sequence (OpenChat V3.2 / C-RLFT, `ochat/config/conversation_template.py`):
+
+    <s>
+    [system text] <|end_of_turn|>                     (only when there is a system text)
+    for each message:
+        role prefix  "{condition} User:"  or  "{condition} Assistant:"   (stripped, so the
+                     plain condition "" gives "User:" / "Assistant:")
+        message text
+        <|end_of_turn|>
+
+What exactly is tokenized: every piece (system text, each role prefix, each message text) is
+encoded ON ITS OWN with `add_special_tokens=False` and with special-token parsing switched off
+(so a literal "<|end_of_turn|>" or "<s>" typed in a message is plain text), and the ids are
+concatenated with the ids of `<s>` and `<|end_of_turn|>`. No space is added before a message:
+like OpenChat (`add_space_before_msg=False`), the tokenizer's own SentencePiece-style "▁" prefix
+separates prefix and message. With the Llama-2 tokenizer: "GPT4 User:" -> ▁G PT 4 ▁User :,
+"Hello" -> ▁Hello.
+
+Weights: the class weight on every assistant message token and on the `<|end_of_turn|>` that
+ends it; 0 on `<s>`, system text, role prefixes and user messages. Truncation keeps the first
+`max_length` tokens; an example left with no weighted token is dropped (`None`).
+
+Inference: `build_prompt` gives the same ids as training up to (excluding) the assistant
+answer, i.e. it ends with the assistant prefix (e.g. "GPT4 Assistant:").
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from openchat_jax.data.tokenizer import EOT_TOKEN
+from openchat_jax.errors import DataError
+
+# Condition used by every class when `conditioned=False` (the no-condition ablation).
+PLAIN_CONDITION = ""
+ROLE_NAMES = {"user": "User:", "assistant": "Assistant:"}
+
+
+@dataclass(frozen=True)
+class ConvClass:
+    name: str
+    condition: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    system: str = ""
+    label: str | None = None
+    # where it came from, for error reports ("file.jsonl:12")
+    origin: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Example:
+    tokens: np.ndarray  # int32[n]
+    weights: np.ndarray  # float32[n]
+    class_id: int
+
+
+def role_prefix(role: str, condition: str) -> str:
+    return f"{condition} {ROLE_NAMES[role]}".strip()
+
+
+class PieceEncoder:
+    """Tokenizes a batch of texts as plain text: no BOS/EOS, special-token strings not parsed."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            # A private copy: the flag is global state on the Rust tokenizer.
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.encode_special_tokens = True
+        else:
+            self._backend = None
+
+    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        out = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True,
+                             return_attention_mask=False)
+        return [list(ids) for ids in out["input_ids"]]
+
+
+_ENCODERS: "weakref.WeakKeyDictionary[Any, PieceEncoder]" = weakref.WeakKeyDictionary()
+
+
+def piece_encoder(tokenizer) -> PieceEncoder:
+    if isinstance(tokenizer, PieceEncoder):
+        return tokenizer
+    enc = _ENCODERS.get(tokenizer)
+    if enc is None:
+        enc = _ENCODERS[tokenizer] = PieceEncoder(tokenizer)
+    return enc
+
+
+def _as_message(m: Message | Mapping[str, str]) -> Message:
+    if isinstance(m, Message):
+        return m
+    return Message(role=m["role"], content=m["content"])
+
+
+class TemplateBuilder:
+    """Turns many conversations into examples with one batched tokenizer call.
+
+    `build_example` / `build_prompt` are thin wrappers; `prepare` uses this class directly."""
+
+    def __init__(self, tokenizer, eot_id: int):
+        self.encode = piece_encoder(tokenizer)
+        bos = self.encode.tokenizer.bos_token_id
+        self.bos_ids = [] if bos is None else [int(bos)]
+        self.eot_id = int(eot_id)
+        self._prefix_cache: dict[tuple[str, str], list[int]] = {}
+
+    def prefix_ids(self, role: str, condition: str) -> list[int]:
+        key = (role, condition)
+        if key not in self._prefix_cache:
+            self._prefix_cache[key] = self.encode([role_prefix(role, condition)])[0]
+        return self._prefix_cache[key]
+
+    def _pieces(self, system: str, messages: Sequence[Message], condition: str, texts: list[list[int]],
+                generation_prompt: bool) -> tuple[list[list[int]], list[bool]]:
+        """Token pieces and whether each carries the class weight."""
+        pieces: list[list[int]] = [self.bos_ids]
+        supervised: list[bool] = [False]
+        it = iter(texts)
+        if system:
+            pieces += [next(it), [self.eot_id]]
+            supervised += [False, False]
+        for m in messages:
+            is_asst = m.role == "assistant"
+            pieces += [self.prefix_ids(m.role, condition), next(it), [self.eot_id]]
+            supervised += [False, is_asst, is_asst]
+        if generation_prompt:
+            pieces.append(self.prefix_ids("assistant", condition))
+            supervised.append(False)
+        return pieces, supervised
+
+    def build_examples(self, conversations: Sequence[Conversation], classes: Sequence[ConvClass] | Mapping[int, ConvClass],
+                       class_ids: Sequence[int], max_length: int,
+                       condition: str | None = None) -> list[Example | None]:
+        """`condition` overrides every class's condition (PLAIN_CONDITION for the ablation)."""
+        texts: list[str] = []
+        for conv in conversations:
+            if conv.system:
+                texts.append(conv.system)
+            texts.extend(m.content for m in conv.messages)
+        encoded = iter(self.encode(texts))
+        out: list[Example | None] = []
+        for conv, cid in zip(conversations, class_ids):
+            cls = classes[cid]
+            n_texts = len(conv.messages) + (1 if conv.system else 0)
+            own = list(itertools.islice(encoded, n_texts))
+            cond = cls.condition if condition is None else condition
+            pieces, supervised = self._pieces(conv.system, conv.messages, cond, own, generation_prompt=False)
+            lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+            tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
+            weights = np.repeat(np.where(supervised, np.float32(cls.weight), np.float32(0.0)), lengths)
+            tokens, weights = tokens[:max_length], weights[:max_length].astype(np.float32)
+            if not np.any(weights > 0):
+                out.append(None)
+            else:
+                out.append(Example(tokens=tokens, weights=weights, class_id=int(cid)))
+        return out
+
+    def build_prompt(self, messages: Sequence[Message | Mapping[str, str]], system: str,
+                     condition: str) -> list[int]:
+        msgs = [_as_message(m) for m in messages]
+        for i, m in enumerate(msgs):
+            if m.role not in ROLE_NAMES:
+                raise DataError(f"prompt message {i}: role {m.role!r} is not one of {sorted(ROLE_NAMES)}")
+        texts = ([system] if system else []) + [m.content for m in msgs]
+        pieces, _ = self._pieces(system, msgs, condition, self.encode(texts), generation_prompt=True)
+        return list(itertools.chain.from_iterable(pieces))
+
+
+def build_example(tokenizer, eot_id: int, conversation: Conversation, conv_class: ConvClass, class_id: int,
+                  max_length: int, condition: str | None = None) -> Example | None:
+    """One training example, or None when truncation leaves no supervised token.
+
+    `condition=None` uses `conv_class.condition`; pass PLAIN_CONDITION for the unconditioned ablation."""
+    classes = {class_id: conv_class}
+    return TemplateBuilder(tokenizer, eot_id).build_examples(
+        [conversation], classes, [class_id], max_length, condition)[0]  # type: ignore[arg-type]
+
+
+def build_prompt(tokenizer, eot_id: int, messages: Sequence[Message | Mapping[str, str]], system: str = "",
+                 condition: str = "GPT4") -> list[int]:
+    """Inference prompt ids: the training ids of `messages` followed by the assistant prefix."""
+    return TemplateBuilder(tokenizer, eot_id).build_prompt(messages, system, condition)
+
+
+def render_chat_template(condition: str) -> str:
+    """A Jinja `chat_template` (for tokenizer_config.json) rendering this template for `condition`.
+
+    Exact for tokenizers that put SentencePiece's "▁" before every piece, including after a special
+    token (Llama-2 as shipped, `legacy: true`, loaded by transformers' LlamaTokenizer): the text
+    `<s>{system}<|end_of_turn|>{prefix} {message}<|end_of_turn|>...{assistant prefix}` then gives the
+    same ids as `build_prompt`. The space between prefix and message stands for the "▁" that separate
+    tokenization adds; a message that already starts with a space uses that space instead (separate
+    tokenization does not double it), and an empty message adds nothing. One difference cannot be
+    expressed in a text template: special-token strings typed inside a message are parsed as special
+    tokens by `apply_chat_template`, whereas the training template keeps them as text.
+    A `system` message is accepted only as the first message.
+    """
+    user, assistant = role_prefix("user", condition), role_prefix("assistant", condition)
+    return (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}"
+        "{% if loop.index0 != 0 %}{{ raise_exception('a system message must come first') }}{% endif %}"
+        "{% if message['content'] %}{{ message['content'] + '" + EOT_TOKEN + "' }}{% endif %}"
+        "{% else %}"
+        "{% if message['role'] == 'user' %}{{ '" + _jinja_str(user) + "' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '" + _jinja_str(assistant) + "' }}"
+        "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+        "{% if message['content'] and not message['content'].startswith(' ') %}{{ ' ' }}{% endif %}"
+        "{{ message['content'] + '" + EOT_TOKEN + "' }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + _jinja_str(assistant) + "' }}{% endif %}"
+    )
+
+
+def _jinja_str(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
