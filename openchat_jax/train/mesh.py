@@ -1,0 +1,141 @@
+"""The device mesh (axes `data`, `fsdp`, `tensor`), THE logical-axis rules table, and shardings
+for parameters, optimizer state and batches.
+
+Parameters are sharded over `fsdp` along `embed` and over `tensor` along heads/mlp/vocab; batches
+over `data` x `fsdp`. A dimension that a mesh axis does not divide is replicated over that axis
+(e.g. a 32001-row vocabulary on tensor=2) and reported once, rather than failing deep in XLA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from openchat_jax.errors import ConfigError
+from openchat_jax.model.config import LlamaConfig
+from openchat_jax.model.llama import param_logical_axes, param_shapes
+from openchat_jax.model.partitioning import Rules, logical_to_spec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_MESH_AXES = ("data", "fsdp")
+
+# The one table: logical axis -> mesh axis (or axes, or None = replicated). A mesh axis is used at
+# most once per array (the first logical axis claiming it wins; see logical_to_spec), so an
+# activation [batch, length, embed] is sharded by batch over (data, fsdp) and not again by embed.
+LOGICAL_AXIS_RULES: Rules = (
+    ("batch", BATCH_MESH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Resolve the `mesh` config section (one axis may be -1 = the remaining devices)."""
+    sizes = []
+    for name in MESH_AXES:
+        value = mesh_cfg.get(name, 1)
+        if not isinstance(value, int) or (value < 1 and value != -1):
+            raise ConfigError(f"mesh.{name}={value!r} must be a positive int or -1")
+        sizes.append(value)
+    unknown = [n for n, s in zip(MESH_AXES, sizes) if s == -1]
+    if len(unknown) > 1:
+        raise ConfigError(f"only one mesh axis may be -1, got {unknown}")
+    known = math.prod(s for s in sizes if s != -1)
+    if unknown:
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but {num_devices} are available"
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_axis_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_MESH_AXES)
+
+
+def _divisible_spec(shape: Sequence[int], spec: P, mesh: Mesh) -> tuple[P, list[str]]:
+    dropped = []
+    parts = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept: list[str] = []
+        for axis in axes:
+            if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
+                kept.append(axis)
+            else:
+                dropped.append(f"{axis} on a dimension of {dim}")
+        parts.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*parts), dropped
+
+
+def sharding_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
+    spec, dropped = _divisible_spec(shape, logical_to_spec(logical_axes, rules, mesh), mesh)
+    if dropped:
+        log.warning("replicating %s: not divisible (shape %s, logical axes %s)", ", ".join(dropped), tuple(shape), tuple(logical_axes))
+    return NamedSharding(mesh, spec)
+
+
+def param_shardings(model_cfg: LlamaConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
+    """Same pytree as the params, a NamedSharding at each leaf."""
+    axes = param_logical_axes(model_cfg)
+    shapes = param_shapes(model_cfg)
+    return jax.tree.map(
+        lambda s, a: sharding_for(s.shape, a, mesh, rules), shapes, axes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params_abstract: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Each copy of the params inside the optimizer state (Adam's mu, nu) is sharded like the
+    params; everything else (step counts) is replicated."""
+    state_abstract = jax.eval_shape(tx.init, params_abstract)
+    rep = replicated(mesh)
+    return optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        state_abstract,
+        params_shardings,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, L] arrays: rows over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_MESH_AXES, None))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """Global [B, L] arrays from this process's rows [B_local, L] (multi-host: each process passes
+    only its own rows; B = B_local * process_count)."""
+    sharding = batch_sharding(mesh)
+    keys = list(local) if keys is None else keys
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in keys}

@@ -1,0 +1,193 @@
+"""Train state and the jitted C-RLFT train step.
+
+State layout (a plain dict, so orbax saves/restores it as is):
+    {"step": int32 [] (batches consumed, including skipped ones),
+     "params": the model params (float32, sharded by the rules table),
+     "opt_state": optax state (sharded like the params; its count = updates applied),
+     "rng": uint32 [2] key data (carried for checkpoints; the step itself is deterministic)}
+
+One call = one optimizer step on a global batch [B, L]: the batch is split into `micro_batches`
+interleaved micro-batches (micro-batch m takes rows m, m+M, m+2M, ..., so every device keeps
+working on its own rows), gradients of sum(w * CE) / sum(w) are accumulated in a lax.scan with the
+denominator taken over the whole batch up front, then clipped and applied. If the loss or the
+gradient norm is not finite, params and optimizer state come back unchanged and `nonfinite` is 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from openchat_jax.model.config import LlamaConfig
+from openchat_jax.model.llama import forward, init_params, param_shapes
+from openchat_jax.model.partitioning import Rules, constrain, use_rules
+from openchat_jax.train import mesh as mesh_lib
+from openchat_jax.train.loss import BATCH_KEYS, loss_sums, sums_to_metrics, token_weights, zero_sums
+from openchat_jax.train.optimizer import Schedule, schedule_count
+
+TrainState = dict[str, Any]
+Batch = dict[str, jax.Array]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
+
+
+def state_shardings(model_cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules = mesh_lib.LOGICAL_AXIS_RULES) -> TrainState:
+    p_shardings = mesh_lib.param_shardings(model_cfg, mesh, rules)
+    rep = mesh_lib.replicated(mesh)
+    return {
+        "step": rep,
+        "params": p_shardings,
+        "opt_state": mesh_lib.opt_state_shardings(tx, param_shapes(model_cfg), p_shardings, mesh),
+        "rng": rep,
+    }
+
+
+def abstract_train_state(model_cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules = mesh_lib.LOGICAL_AXIS_RULES) -> TrainState:
+    """ShapeDtypeStructs with shardings: the restore target for a checkpoint."""
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    shapes = jax.eval_shape(lambda p, r: make_state(p, tx, r), param_shapes(model_cfg), rng)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_shardings(model_cfg, tx, mesh, rules)
+    )
+
+
+def init_train_state(
+    model_cfg: LlamaConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    seed: int,
+    *,
+    params: Any | None = None,
+    rules: Rules = mesh_lib.LOGICAL_AXIS_RULES,
+) -> TrainState:
+    """Params (random from `seed`, or the given ones) and optimizer state, created directly in
+    their shardings by jit out_shardings: no host ever holds a full copy."""
+    shardings = state_shardings(model_cfg, tx, mesh, rules)
+    rng = jax.random.key_data(jax.random.key(seed))
+    if params is None:
+        def create(rng_data: jax.Array) -> TrainState:
+            return make_state(init_params(model_cfg, jax.random.wrap_key_data(rng_data)), tx, rng_data)
+
+        return jax.jit(create, out_shardings=shardings)(rng)
+    return jax.jit(lambda p, r: make_state(p, tx, r), in_shardings=(shardings["params"], None), out_shardings=shardings)(params, rng)
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    """[B, L] -> [M, B/M, L], micro-batch m = rows m, m+M, ... (a device-local reshape when each
+    device holds a multiple of M rows)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        B = x.shape[0]
+        x = x.reshape(B // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch", "length"))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def batch_loss(params: Any, model_cfg: LlamaConfig, batch: Batch, num_classes: int, weighted: bool = True) -> tuple[jax.Array, dict]:
+    """The objective on one batch, no accumulation: (sum(w*CE)/sum(w), sums). For tests/eval."""
+    logits = forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
+    sums = loss_sums(logits, batch["targets"], token_weights(batch["weights"], weighted), batch["class_ids"], num_classes)
+    return sums["wce"] / sums["weight"], sums
+
+
+def _where_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model_cfg: LlamaConfig,
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    num_classes: int,
+    micro_batches: int = 1,
+    weighted: bool = True,
+    param_shardings: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The un-jitted step (see module doc). Call under `use_rules` to shard activations."""
+    params = state["params"]
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    batch["weights"] = token_weights(batch["weights"], weighted)
+    denominator = batch["weights"].sum()  # the whole step's sum(w), before any micro-batching
+
+    def micro_loss(p: Any, mb: Batch) -> tuple[jax.Array, dict]:
+        logits = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"])
+        sums = loss_sums(logits, mb["targets"], mb["weights"], mb["class_ids"], num_classes)
+        return sums["wce"] / denominator, sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if micro_batches == 1:
+        (_, sums), grads = grad_fn(params, batch)
+    else:
+        def accumulate(carry, mb):
+            grads_acc, sums_acc = carry
+            (_, s), g = grad_fn(params, mb)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+            if param_shardings is not None:
+                grads_acc = jax.lax.with_sharding_constraint(grads_acc, param_shardings)
+            return (grads_acc, jax.tree.map(jnp.add, sums_acc, s)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        if param_shardings is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums(num_classes)), split_micro_batches(batch, micro_batches))
+
+    metrics = sums_to_metrics(sums)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    lr = schedule(schedule_count(state["opt_state"]))
+    updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": _where_tree(finite, new_params, params),
+        "opt_state": _where_tree(finite, new_opt_state, state["opt_state"]),
+        "rng": state["rng"],
+    }
+    metrics.update(
+        grad_norm=grad_norm,
+        lr=lr,
+        nonfinite=(~finite).astype(jnp.int32),
+        tokens=(batch["segment_ids"] > 0).sum().astype(jnp.float32),
+    )
+    return new_state, metrics
+
+
+def make_train_step(
+    model_cfg: LlamaConfig,
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    mesh: Mesh,
+    *,
+    num_classes: int,
+    micro_batches: int = 1,
+    weighted: bool = True,
+    rules: Rules = mesh_lib.LOGICAL_AXIS_RULES,
+    donate: bool = True,
+) -> StepFn:
+    """jit(train_step) with the state's and batch's shardings fixed; the state is donated."""
+    shardings = state_shardings(model_cfg, tx, mesh, rules)
+
+    def step(state: TrainState, batch: Batch):
+        with use_rules(mesh, rules):
+            return train_step(
+                state, batch, model_cfg=model_cfg, tx=tx, schedule=schedule, num_classes=num_classes,
+                micro_batches=micro_batches, weighted=weighted, param_shardings=shardings["params"],
+            )
+
+    return jax.jit(
+        step,
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+    )
