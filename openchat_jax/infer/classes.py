@@ -1,0 +1,98 @@
+"""Which condition (template prefix) to generate with.
+
+The classes a model was trained with are read from JSON next to the weights or the prepared data:
+`classes.json` (in the checkpoint folder) or `dataset_info.json` (in a prepared dataset folder).
+Accepted shapes: a list of {"name", "condition", "weight"}; or an object whose "classes" entry is
+such a list or a {name: {"condition", "weight"}} map. Without a choice the class with the highest
+weight (the expert one) is used, as the paper does at inference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from openchat_jax.data.template import ConvClass
+from openchat_jax.errors import ConfigError
+
+CLASS_FILES = ("classes.json", "dataset_info.json")
+
+
+def _parse(obj: Any, where: str) -> list[ConvClass]:
+    if isinstance(obj, dict) and "classes" in obj:
+        obj = obj["classes"]
+    if isinstance(obj, dict):
+        obj = [{"name": name, **(spec if isinstance(spec, dict) else {})} for name, spec in obj.items()]
+    if not isinstance(obj, list) or not obj:
+        raise ConfigError(f"{where}: expected a non-empty list of classes (name, condition, weight)")
+    classes = []
+    for i, c in enumerate(obj):
+        if not isinstance(c, dict):
+            raise ConfigError(f"{where}: classes[{i}] is not an object")
+        missing = [k for k in ("name", "condition", "weight") if k not in c]
+        if missing:
+            raise ConfigError(f"{where}: classes[{i}] lacks {missing}")
+        if not isinstance(c["condition"], str) or not isinstance(c["weight"], (int, float)):
+            raise ConfigError(f"{where}: classes[{i}] needs a string condition and a numeric weight")
+        classes.append(ConvClass(name=str(c["name"]), condition=c["condition"], weight=float(c["weight"])))
+    return classes
+
+
+def read_classes(path: str | Path) -> list[ConvClass]:
+    """Classes from a JSON file, or from the first of CLASS_FILES found in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in CLASS_FILES if (path / name).is_file()]
+        if not found:
+            raise ConfigError(f"{path}: holds none of {list(CLASS_FILES)}, so its classes are unknown")
+        path = found[0]
+    if not path.is_file():
+        raise ConfigError(f"class file not found: {path}")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    return _parse(obj, str(path))
+
+
+def find_classes(ckpt_dir: str | Path, classes_from: str | Path | None = None) -> list[ConvClass] | None:
+    """`classes_from` if given, else the checkpoint folder's class file, else None."""
+    if classes_from is not None:
+        return read_classes(classes_from)
+    ckpt = Path(ckpt_dir)
+    if any((ckpt / name).is_file() for name in CLASS_FILES):
+        return read_classes(ckpt)
+    return None
+
+
+def choose_class(classes: Sequence[ConvClass], name: str | None = None) -> ConvClass:
+    """The named class, or the one with the highest weight (first on ties)."""
+    if name is None:
+        return max(classes, key=lambda c: c.weight)
+    for c in classes:
+        if c.name == name:
+            return c
+    raise ConfigError(f"no class named {name!r}; known classes: {[c.name for c in classes]}")
+
+
+def resolve_condition(
+    ckpt_dir: str | Path,
+    *,
+    class_name: str | None = None,
+    condition_text: str | None = None,
+    classes_from: str | Path | None = None,
+) -> ConvClass:
+    """The class to generate with. `condition_text` (a literal template prefix, e.g. "GPT4") wins;
+    otherwise the class is chosen from the recorded classes."""
+    if condition_text is not None:
+        if class_name is not None:
+            raise ConfigError("give either a class name (--condition) or a literal prefix (--condition-text), not both")
+        return ConvClass(name=condition_text or "plain", condition=condition_text, weight=1.0)
+    classes = find_classes(ckpt_dir, classes_from)
+    if classes is None:
+        raise ConfigError(
+            f"{ckpt_dir}: no {' or '.join(CLASS_FILES)} records the classes; pass --classes-from DATASET_DIR "
+            "or a literal template prefix with --condition-text (e.g. GPT4)"
+        )
+    return choose_class(classes, class_name)
