@@ -33,6 +33,7 @@ Options (environment default in brackets):
   --zone Z               zone, e.g. us-central2-b (v4), us-east5-a (v5p)   [OPENCHAT_ZONE] (required)
   --name N               TPU VM name, also the queued-resource id          [OPENCHAT_TPU_NAME] (required)
   --accelerator-type T   v4-64, v5p-64, v5litepod-64, v6e-64, ...          [OPENCHAT_ACCELERATOR_TYPE]
+                         (required for create and resume)
   --runtime-version V    TPU software version [OPENCHAT_RUNTIME_VERSION; else from the type:
                          v4 tpu-ubuntu2204-base, v5p v2-alpha-tpuv5, v5e v2-alpha-tpuv5-lite,
                          v6e v2-alpha-tpuv6e]
@@ -482,6 +483,12 @@ ensure_ready() {
     state=$(read_state)
   fi
   case $state in
+    RECREATE_REQUESTED)
+      oc_log "--recreate: deleting and recreating $NAME"
+      do_delete
+      do_create
+      NEED_INSTALL=1
+      ;;
     ASSUMED_HEALTHY)
       oc_log "dry-run: assuming $NAME is healthy (pass --recreate to see the recreate path)"
       ;;
@@ -505,33 +512,53 @@ ensure_ready() {
   esac
 }
 
+# Get the slice ready for a train run: recover it, then reinstall (new VM) or stop leftovers.
+prepare_slice() {
+  ensure_ready
+  if [[ $NEED_INSTALL == 1 || $FORCE_INSTALL == 1 ]]; then
+    do_install
+  else
+    do_stop
+  fi
+}
+
 do_resume() {
   require_run_paths
-  local attempt=1 rc
+  # Checked now rather than when a recreate needs them, hours into the run.
+  oc_require "$ACCEL" --accelerator-type OPENCHAT_ACCELERATOR_TYPE
+  RUNTIME=${RUNTIME:-$(default_runtime)}
+  local attempt=1 rc what
   while true; do
     oc_log "resume attempt $attempt of $MAX_ATTEMPTS"
-    ensure_ready
-    if [[ $NEED_INSTALL == 1 || $FORCE_INSTALL == 1 ]]; then
-      do_install
+    # A failure while recovering (e.g. the capacity vanished again) costs an attempt, not the run:
+    # run it in a subshell with errexit and look at its status.
+    set +e
+    (
+      set -e
+      prepare_slice
+    )
+    rc=$?
+    set -e
+    if ((rc == 0)); then
       FORCE_INSTALL=0
+      RECREATE=0
+      what="train exit"
+      do_train || rc=$?
+      if [[ $OC_DRY_RUN == 1 ]]; then
+        final_exists
+        return 0
+      fi
+      if ((rc == 0)) && final_exists; then
+        oc_log "training finished: $WORKDIR/final"
+        return 0
+      fi
     else
-      do_stop
-    fi
-    RECREATE=0
-    rc=0
-    do_train || rc=$?
-    if [[ $OC_DRY_RUN == 1 ]]; then
-      final_exists
-      return 0
-    fi
-    if ((rc == 0)) && final_exists; then
-      oc_log "training finished: $WORKDIR/final"
-      return 0
+      what="recovering the slice failed with exit"
     fi
     if ((attempt >= MAX_ATTEMPTS)); then
-      oc_die "training did not finish (train exit $rc, attempt $attempt of $MAX_ATTEMPTS); run resume again"
+      oc_die "training did not finish ($what $rc, attempt $attempt of $MAX_ATTEMPTS); run resume again"
     fi
-    oc_log "training interrupted (exit $rc); retrying in ${RETRY_DELAY}s"
+    oc_log "not finished ($what $rc); retrying in ${RETRY_DELAY}s"
     sleep "$RETRY_DELAY"
     attempt=$((attempt + 1))
   done

@@ -395,6 +395,30 @@ def test_tpu_resume_clean_exit_without_final_retries(h: Harness) -> None:
     assert len(trains) == 2
 
 
+def test_tpu_resume_retries_when_recovery_fails(h: Harness) -> None:
+    """The recreated queued resource fails while waiting for capacity: that costs one attempt,
+    the next attempt deletes and recreates it again, installs and trains."""
+    h.respond(
+        state=[["SUSPENDED", 0], ["FAILED", 0], ["FAILED", 0], ["ACTIVE", 0]],
+        ssh=[["", 0]],
+        storage_ls=[["gs://bucket/runs/13b/final/", 0]],
+    )
+    proc = h.run("tpu_pod.sh", "resume", "--queued", "--git-url", "https://example.com/oc.git", "--max-attempts", "2",
+                 "--retry-delay", "0", "--poll-interval", "1", env=TPU_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "not finished (recovering the slice failed with exit 2); retrying" in proc.stderr
+    verbs = [c[4] if c[1] == "compute" else c[1] for c in h.calls()]
+    assert verbs == ["describe", "delete", "create", "describe",  # attempt 1: FAILED while waiting
+                     "describe", "delete", "create", "describe",  # attempt 2: FAILED -> recreate -> ACTIVE
+                     "ssh", "ssh", "storage"]  # install, train, final check
+
+
+def test_tpu_resume_needs_the_accelerator_type_up_front(h: Harness) -> None:
+    proc = h.run("tpu_pod.sh", "resume", env={**TPU_ENV, "OPENCHAT_ACCELERATOR_TYPE": ""})
+    assert proc.returncode == 2 and "missing required option --accelerator-type" in proc.stderr
+    assert h.calls() == []
+
+
 def test_tpu_resume_creates_a_missing_plain_vm(h: Harness) -> None:
     h.respond(state=[["", 1], ["READY", 0]], storage_ls=[["x", 0]])  # first describe: NOT_FOUND
     proc = h.run("tpu_pod.sh", "resume", "--preemptible", "--git-url", "https://example.com/oc.git", env=TPU_ENV)
