@@ -26,7 +26,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers prefers it over tokenizer_config's entry
-TOKENIZER_FLAGS = ("legacy", "add_bos_token", "add_eos_token", "add_prefix_space")
+TOKENIZER_JSON = "tokenizer.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -53,12 +53,14 @@ def write_chat_files(out_dir: str | Path, tokenizer: Any, eot_id: int, condition
     (out_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
 
     config = _read_json(out_dir / TOKENIZER_CONFIG)
-    # transformers 5 rebuilds a Llama tokenizer's pre-tokenizer from these flags on load but does not
-    # save `legacy`; without it a reload stops putting "▁" after special tokens (ids change).
-    for flag in TOKENIZER_FLAGS:
-        value = getattr(tokenizer, flag, None)
-        if isinstance(value, bool) and flag not in config:
-            config[flag] = value
+    if _is_metaspace(out_dir):
+        # Training tokenizes every piece on its own, so each piece starts with "▁", also after
+        # <s> and <|end_of_turn|>. A chat template renders one string; to give the same ids the
+        # tokenizer must put "▁" after special tokens too: Llama-2's shipped `legacy: true`
+        # behaviour (Metaspace prepend_scheme "always"). transformers 5 neither saves `legacy`
+        # nor keeps "always" across a save/load, so both are set here explicitly.
+        config["legacy"] = True
+        _set_prepend_always(out_dir)
     config["chat_template"] = render_chat_template(condition)
     config["eos_token"] = EOT_TOKEN
     _write_json(out_dir / TOKENIZER_CONFIG, config)
@@ -73,3 +75,47 @@ def write_chat_files(out_dir: str | Path, tokenizer: Any, eot_id: int, condition
     if tokenizer.bos_token_id is not None:
         gen["bos_token_id"] = int(tokenizer.bos_token_id)
     _write_json(gen_path, gen)
+    check_chat_template(out_dir, tokenizer, eot_id, condition)
+
+
+def _is_metaspace(out_dir: Path) -> bool:
+    path = out_dir / TOKENIZER_JSON
+    if not path.is_file():
+        return False
+    pre = _read_json(path).get("pre_tokenizer") or {}
+    return pre.get("type") == "Metaspace"
+
+
+def _set_prepend_always(out_dir: Path) -> None:
+    path = out_dir / TOKENIZER_JSON
+    data = _read_json(path)
+    data["pre_tokenizer"]["prepend_scheme"] = "always"
+    _write_json(path, data)
+
+
+PROBE_SYSTEM = "You are a helpful assistant."
+PROBE_MESSAGES = (
+    {"role": "user", "content": "Hello, how are you?"},
+    {"role": "assistant", "content": "I am fine, thank you."},
+    {"role": "user", "content": "What is 2 + 2?"},
+)
+
+
+def check_chat_template(out_dir: str | Path, tokenizer: Any, eot_id: int, condition: str) -> None:
+    """Reload the exported tokenizer; its chat template must give `build_prompt`'s ids for a
+    probe conversation with and without a system message, else CheckpointError."""
+    from transformers import AutoTokenizer
+
+    from openchat_jax.data.template import build_prompt
+
+    exported = AutoTokenizer.from_pretrained(str(out_dir))
+    for system in ("", PROBE_SYSTEM):
+        messages = ([{"role": "system", "content": system}] if system else []) + list(PROBE_MESSAGES)
+        ours = build_prompt(tokenizer, eot_id, PROBE_MESSAGES, system, condition)
+        theirs = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if list(theirs) != ours:
+            raise CheckpointError(
+                f"{out_dir}: the exported chat template does not reproduce the training template "
+                f"(system={bool(system)}): apply_chat_template gives {exported.convert_ids_to_tokens(list(theirs))}, "
+                f"build_prompt gives {exported.convert_ids_to_tokens(ours)}"
+            )

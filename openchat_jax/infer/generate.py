@@ -32,10 +32,11 @@ from jax.sharding import Mesh, NamedSharding
 from openchat_jax.errors import DataError
 from openchat_jax.infer.sampling import SamplingConfig, sample
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import Params, forward, init_cache, param_logical_axes
+from openchat_jax.model.llama import Params, forward, init_cache
 from openchat_jax.model.partitioning import Rules, constrain, logical_to_spec, use_rules
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+MAX_STOP_IDS = 8
 
 
 @dataclasses.dataclass
@@ -55,31 +56,31 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stop_ids", "return_logits", "mesh_rules")
+    jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "return_logits", "mesh_rules")
 )
 def _decode(
     params: Params,
     tokens_BxP: jax.Array,
     lengths_B: jax.Array,
     limits_B: jax.Array,
+    stop_ids_S: jax.Array,
     key: jax.Array,
     *,
     cfg: LlamaConfig,
     max_new_tokens: int,
     sampling: SamplingConfig,
-    stop_ids: tuple[int, ...],
     return_logits: bool,
     mesh_rules: _MeshRules | None,
 ):
     if mesh_rules is None:
-        return _decode_body(params, tokens_BxP, lengths_B, limits_B, key, cfg, max_new_tokens, sampling,
-                            stop_ids, return_logits)
+        return _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, max_new_tokens,
+                            sampling, return_logits)
     with use_rules(mesh_rules.mesh, mesh_rules.rules):
-        return _decode_body(params, tokens_BxP, lengths_B, limits_B, key, cfg, max_new_tokens, sampling,
-                            stop_ids, return_logits)
+        return _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, max_new_tokens,
+                            sampling, return_logits)
 
 
-def _decode_body(params, tokens_BxP, lengths_B, limits_B, key, cfg, max_new_tokens, sampling, stop_ids,
+def _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, max_new_tokens, sampling,
                  return_logits):
     B, P = tokens_BxP.shape
     N = max_new_tokens
@@ -99,7 +100,6 @@ def _decode_body(params, tokens_BxP, lengths_B, limits_B, key, cfg, max_new_toke
         _, cache = forward(params, cfg, tokens_BxP[:, :-1], positions_BxP[:, :-1], segment_ids_BxP[:, :-1],
                            cache=cache, cache_index=0)
 
-    stop_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     out_BxN = jnp.full((B, N), -1, jnp.int32)
     logits_BxNxV = jnp.zeros((B, N, cfg.vocab_size), jnp.float32) if return_logits else None
     ones_Bx1 = jnp.ones((B, 1), jnp.int32)
@@ -118,7 +118,7 @@ def _decode_body(params, tokens_BxP, lengths_B, limits_B, key, cfg, max_new_toke
         out_BxN = out_BxN.at[:, i].set(jnp.where(done_B, -1, new_B))
         if return_logits:
             logits_BxNxV = logits_BxNxV.at[:, i].set(logits_BxV)
-        done_B = done_B | jnp.isin(new_B, stop_arr) | (i + 1 >= limits_B)
+        done_B = done_B | jnp.isin(new_B, stop_ids_S) | (i + 1 >= limits_B)
         return i + 1, cache, new_B, done_B, out_BxN, logits_BxNxV
 
     state = (jnp.int32(0), cache, tokens_BxP[:, -1], limits_B <= 0, out_BxN, logits_BxNxV)
@@ -127,12 +127,10 @@ def _decode_body(params, tokens_BxP, lengths_B, limits_B, key, cfg, max_new_toke
 
 
 def shard_params(params: Params, cfg: LlamaConfig, mesh: Mesh, rules: Rules) -> Params:
-    """Place params on the mesh by their logical axes (a no-op for arrays already placed so)."""
-    axes = param_logical_axes(cfg)
-    shardings = jax.tree.map(
-        lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)), axes, is_leaf=lambda x: isinstance(x, tuple)
-    )
-    return jax.device_put(params, shardings)
+    """Place params as the train side does (a no-op for params already placed so)."""
+    from openchat_jax.train.mesh import param_shardings
+
+    return jax.device_put(params, param_shardings(cfg, mesh, rules))
 
 
 def _batch_multiple(mesh: Mesh | None, rules: Rules | None) -> int:
@@ -201,6 +199,12 @@ def generate_tokens(
         lengths_B[b] = len(p)
         limits_B[b] = min(max_new_tokens, context - len(p))
 
+    # Stop ids are data, not part of the compiled program: padded with -1 (never a token).
+    if len(stop_ids) > MAX_STOP_IDS:
+        raise DataError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+    stop_ids_S = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stop_ids_S[: len(stop_ids)] = list(stop_ids)
+
     mesh_rules = None
     inputs: tuple[Any, ...] = (tokens_BxP, lengths_B, limits_B)
     if mesh is not None and rules is not None:
@@ -211,8 +215,8 @@ def generate_tokens(
             *(jax.device_put(x, NamedSharding(mesh, logical_to_spec(("batch",), rules, mesh))) for x in inputs[1:]),
         )
     out_BxN, logits_BxNxV = _decode(
-        params, *inputs, key, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
-        stop_ids=tuple(int(s) for s in stop_ids), return_logits=return_logits, mesh_rules=mesh_rules,
+        params, *inputs, stop_ids_S, key, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
+        return_logits=return_logits, mesh_rules=mesh_rules,
     )
     out_BxN = np.asarray(out_BxN)
     stops = set(int(s) for s in stop_ids)
