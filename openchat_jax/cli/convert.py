@@ -1,0 +1,51 @@
+"""`openchat-jax convert hf-to-jax | jax-to-hf`: Hugging Face Llama folders <-> JAX weights folders."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and JAX")
+    sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+
+    to_jax = sub.add_parser("hf-to-jax", help="HF LlamaForCausalLM folder (safetensors) -> JAX weights folder")
+    to_jax.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
+    to_jax.add_argument("--out", required=True, help="weights folder to create (local or gs://)")
+    to_jax.add_argument(
+        "--add-eot", action="store_true",
+        help="append <|end_of_turn|> to the vocab (embedding and LM head rows = mean of existing rows)",
+    )
+    to_jax.add_argument("--overwrite", action="store_true", help="replace an existing weights folder")
+    to_jax.set_defaults(func=_hf_to_jax)
+
+    to_hf = sub.add_parser("jax-to-hf", help="JAX weights folder -> HF LlamaForCausalLM folder (safetensors)")
+    to_hf.add_argument("--ckpt", required=True, help="weights folder (model_config.json + params/)")
+    to_hf.add_argument("--out", required=True, help="HF folder to create")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (default 5GB)")
+    to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast tensors (default: as stored)")
+    to_hf.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    to_hf.set_defaults(func=_jax_to_hf)
+
+
+def _hf_to_jax(args: argparse.Namespace) -> int:
+    from openchat_jax.model import checkpoint_io, hf
+
+    cfg = hf.import_hf(args.hf_dir, args.out, add_eot=args.add_eot, overwrite=args.overwrite)
+    eot = checkpoint_io.read_special_tokens(args.out).get("eot_token_id")
+    print(
+        f"wrote {args.out}: {cfg.num_layers} layers, embed {cfg.embed}, vocab {cfg.vocab_size}, "
+        f"{cfg.param_dtype}, eot_token_id={eot}"
+    )
+    return 0
+
+
+def _jax_to_hf(args: argparse.Namespace) -> int:
+    from openchat_jax.model import hf
+
+    files = hf.export_hf(
+        args.ckpt, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite
+    )
+    shards = sum(1 for f in files if f.name.endswith(".safetensors"))
+    print(f"wrote {args.out}: {shards} safetensors file(s), {len(files)} files in all")
+    return 0

@@ -1,0 +1,251 @@
+"""The JAX-side weights folder: what `convert hf-to-jax` writes, what training writes as its final
+output, and what `convert jax-to-hf` and generation read.
+
+Layout of a weights folder DIR (a local path or gs://...):
+  DIR/model_config.json    LlamaConfig fields (dataclasses.asdict); param_dtype = stored dtype
+  DIR/params/              orbax PyTree checkpoint of the params dict (`llama.param_specs` layout)
+  DIR/special_tokens.json  optional: {"bos_token_id", "eos_token_id", "pad_token_id", "eot_token_id"}
+  DIR/hf_config.json       optional: the source HF config.json, so export keeps its extra fields
+  DIR/tokenizer/           optional: HF tokenizer files (with <|end_of_turn|> after --add-eot)
+
+Why orbax and not safetensors for this side: the writer is usually a training job on a TPU pod
+slice whose params are sharded jax.Arrays spread over many hosts. Orbax lets every process write
+only its own shards (no gather onto one host), restores straight into any target sharding (each
+host reads only the slices it needs), works on gs:// and stores each leaf as its own tensorstore
+array, so one leaf can be restored at a time (`iter_params`) and a 13B model never needs two full
+copies in host memory. safetensors would need a gather to one writer and has no gs:// support.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from openchat_jax.errors import CheckpointError, ConfigError
+from openchat_jax.model.config import LlamaConfig
+from openchat_jax.model.llama import Params, param_specs
+
+MODEL_CONFIG = "model_config.json"
+PARAMS = "params"
+SPECIAL_TOKENS = "special_tokens.json"
+HF_CONFIG = "hf_config.json"
+TOKENIZER = "tokenizer"
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "eot_token_id")
+
+LeafPath = tuple[str, ...]
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], tuple)
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[LeafPath, tuple[int, ...]]:
+    """Leaf path (e.g. ("blocks", "wq")) -> shape, in `param_specs` order."""
+    out: dict[LeafPath, tuple[int, ...]] = {}
+    for name, spec in param_specs(cfg).items():
+        if _is_spec(spec):
+            out[(name,)] = spec[0]
+        else:
+            for sub, s in spec.items():
+                out[(name, sub)] = s[0]
+    return out
+
+
+def _flatten(tree: Params) -> dict[LeafPath, Any]:
+    flat: dict[LeafPath, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            for sub, leaf in _flatten(value).items():
+                flat[(key, *sub)] = leaf
+        else:
+            flat[(key,)] = value
+    return flat
+
+
+def _unflatten(flat: dict[LeafPath, Any]) -> Params:
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _check_tree(flat: dict[LeafPath, Any], cfg: LlamaConfig, where: str) -> None:
+    expected = expected_shapes(cfg)
+    missing = [".".join(p) for p in expected if p not in flat]
+    extra = [".".join(p) for p in flat if p not in expected]
+    if missing or extra:
+        raise CheckpointError(f"{where}: params do not match model_config (missing {missing}, unexpected {extra})")
+    for path, shape in expected.items():
+        if tuple(flat[path].shape) != shape:
+            raise CheckpointError(
+                f"{where}: tensor {'.'.join(path)} has shape {tuple(flat[path].shape)}, expected {shape} from the model config"
+            )
+
+
+def _write_json(path: epath.Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _read_json(path: epath.Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+
+
+def save_params(
+    ckpt_dir: str,
+    params: Params,
+    cfg: LlamaConfig,
+    *,
+    special_tokens: dict[str, int | None] | None = None,
+    copy_assets_from: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write a weights folder. `params` may hold numpy arrays or (sharded) jax.Arrays; with several
+    processes every process must call this (each writes its own shards). `copy_assets_from`, another
+    weights folder (e.g. the one training started from), supplies special_tokens.json, hf_config.json
+    and tokenizer/ unless given here. model_config.json records the stored dtype as param_dtype when
+    all leaves share one."""
+    root = epath.Path(ckpt_dir)
+    flat = _flatten(params)
+    _check_tree(flat, cfg, str(root))
+    dtypes = {np.dtype(x.dtype) for x in flat.values()}
+    if len(dtypes) == 1:
+        cfg = cfg.replace(param_dtype=str(dtypes.pop()))
+    if (root / PARAMS).exists() and not overwrite:
+        raise CheckpointError(f"{root / PARAMS} already exists (pass overwrite=True / choose another --out)")
+
+    primary = jax.process_index() == 0
+    if primary:
+        root.mkdir(parents=True, exist_ok=True)
+    _checkpointer().save(root / PARAMS, args=ocp.args.PyTreeSave(params), force=overwrite)
+
+    if primary:
+        _write_json(root / MODEL_CONFIG, dataclasses.asdict(cfg))
+        source = epath.Path(copy_assets_from) if copy_assets_from else None
+        if special_tokens is None and source is not None and (source / SPECIAL_TOKENS).exists():
+            special_tokens = _read_json(source / SPECIAL_TOKENS)
+        if special_tokens is not None:
+            unknown = sorted(set(special_tokens) - set(SPECIAL_TOKEN_KEYS))
+            if unknown:
+                raise CheckpointError(f"special_tokens: unknown keys {unknown}; known: {list(SPECIAL_TOKEN_KEYS)}")
+            _write_json(root / SPECIAL_TOKENS, {k: special_tokens.get(k) for k in SPECIAL_TOKEN_KEYS})
+        if source is not None:
+            if (source / HF_CONFIG).exists():
+                (source / HF_CONFIG).copy(root / HF_CONFIG, overwrite=True)
+            if (source / TOKENIZER).is_dir():
+                (root / TOKENIZER).mkdir(parents=True, exist_ok=True)
+                for f in (source / TOKENIZER).iterdir():
+                    f.copy(root / TOKENIZER / f.name, overwrite=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"openchat_jax.save_params:{root}")
+
+
+def read_model_config(ckpt_dir: str) -> LlamaConfig:
+    path = epath.Path(ckpt_dir) / MODEL_CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{ckpt_dir}: no {MODEL_CONFIG} (not a weights folder written by save_params / convert hf-to-jax)")
+    try:
+        return LlamaConfig.from_config_dict(_read_json(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_special_tokens(ckpt_dir: str) -> dict[str, int | None]:
+    """bos/eos/pad/eot token ids recorded with the weights ({} when none were recorded)."""
+    path = epath.Path(ckpt_dir) / SPECIAL_TOKENS
+    return _read_json(path) if path.exists() else {}
+
+
+def read_hf_config(ckpt_dir: str) -> dict[str, Any] | None:
+    path = epath.Path(ckpt_dir) / HF_CONFIG
+    return _read_json(path) if path.exists() else None
+
+
+def tokenizer_dir(ckpt_dir: str) -> epath.Path | None:
+    path = epath.Path(ckpt_dir) / TOKENIZER
+    return path if path.is_dir() else None
+
+
+def stored_metadata(ckpt_dir: str, cfg: LlamaConfig | None = None) -> dict[LeafPath, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every stored leaf (no tensor data read), checked against the model config."""
+    cfg = read_model_config(ckpt_dir) if cfg is None else cfg
+    path = epath.Path(ckpt_dir) / PARAMS
+    if not path.exists():
+        raise CheckpointError(f"{ckpt_dir}: no {PARAMS}/ folder")
+    try:
+        tree = _checkpointer().metadata(path).item_metadata.tree
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
+        raise CheckpointError(f"{path}: cannot read the orbax checkpoint metadata ({type(e).__name__}: {e})") from None
+    flat = {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(tree).items()}
+    _check_tree(flat, cfg, str(path))
+    return flat
+
+
+def load_params(
+    ckpt_dir: str,
+    shardings: Any = None,
+    *,
+    dtype: Any = None,
+) -> tuple[Params, LlamaConfig]:
+    """Restore (params, cfg). Without `shardings`, leaves come back as host numpy arrays. With
+    `shardings` (one jax.sharding.Sharding for every leaf, or a pytree of them shaped like params),
+    each process reads only its slices straight into those shardings. `dtype` casts on restore
+    (e.g. float32 master weights from a bfloat16 checkpoint); the returned cfg says what came back."""
+    cfg = read_model_config(ckpt_dir)
+    meta = stored_metadata(ckpt_dir, cfg)
+    if shardings is None:
+        flat_shard: dict[LeafPath, Any] = {p: None for p in meta}
+    elif isinstance(shardings, jax.sharding.Sharding):
+        flat_shard = {p: shardings for p in meta}
+    else:
+        flat_shard = _flatten(shardings)
+        if set(flat_shard) != set(meta):
+            raise CheckpointError(f"load_params({ckpt_dir}): shardings tree does not match the params tree")
+
+    def restore_args(path: LeafPath) -> ocp.RestoreArgs:
+        if flat_shard[path] is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+        return ocp.ArrayRestoreArgs(sharding=flat_shard[path], global_shape=meta[path].shape, dtype=dtype)
+
+    params = _checkpointer().restore(
+        epath.Path(ckpt_dir) / PARAMS,
+        args=ocp.args.PyTreeRestore(restore_args=_unflatten({p: restore_args(p) for p in meta})),
+    )
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=str(np.dtype(dtype)))
+    return params, cfg
+
+
+def iter_params(ckpt_dir: str, cfg: LlamaConfig | None = None) -> Iterator[tuple[LeafPath, np.ndarray]]:
+    """Yield (leaf path, host numpy array) one leaf at a time, in `param_specs` order, so a caller
+    that streams leaves out holds at most one stacked leaf in memory."""
+    cfg = read_model_config(ckpt_dir) if cfg is None else cfg
+    meta = stored_metadata(ckpt_dir, cfg)
+    ckpt = _checkpointer()
+    for path in expected_shapes(cfg):
+        restored = ckpt.restore(
+            epath.Path(ckpt_dir) / PARAMS,
+            args=ocp.args.PyTreeRestore(
+                item=_unflatten({path: meta[path]}),
+                restore_args=_unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)}),
+                partial_restore=True,
+            ),
+        )
+        yield path, _flatten(restored)[path]

@@ -1,0 +1,233 @@
+"""`openchat-jax convert`: HF -> JAX -> HF is bit for bit (float32, bfloat16, sharded), the
+exported folder loads in transformers with the same logits, --add-eot adds a mean-initialised
+row, and bad input gives one clear error line naming the file or tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+import hf_fixtures
+from openchat_jax import cli
+from openchat_jax.model import checkpoint_io, hf
+
+SMALL = dict(num_hidden_layers=2)
+
+
+def _convert(*argv: str) -> None:
+    assert cli.main(["convert", *argv]) == 0
+
+
+def _assert_same_tensors(a: Path, b: Path) -> int:
+    ta, tb = hf_fixtures.read_hf_tensors(a), hf_fixtures.read_hf_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
+        assert ta[name].tobytes() == tb[name].tobytes(), f"{name} differs"
+    return len(ta)
+
+
+def _logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+@pytest.mark.parametrize(
+    "dtype,in_shard,out_shard",
+    [(torch.float32, None, "5GB"), (torch.bfloat16, None, "5GB"), (torch.float32, "60KB", "30KB")],
+    ids=["float32", "bfloat16", "sharded"],
+)
+def test_hf_to_jax_to_hf_is_bit_for_bit(tmp_path, dtype, in_shard, out_shard):
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", dtype=dtype, max_shard_size=in_shard, tokenizer=True)
+    _convert("hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "jax"))
+    _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "back"), "--max-shard-size", out_shard)
+    back = tmp_path / "back"
+
+    assert _assert_same_tensors(src, back) == 3 + 9 * hf_fixtures.GQA["num_hidden_layers"]
+    cfg = checkpoint_io.read_model_config(str(tmp_path / "jax"))
+    assert cfg.param_dtype == str(dtype).removeprefix("torch.")
+    src_cfg, back_cfg = (json.loads((d / "config.json").read_text()) for d in (src, back))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "bos_token_id", "eos_token_id", "max_position_embeddings"):
+        assert back_cfg[key] == src_cfg[key], key
+    assert back_cfg["rope_parameters"]["rope_theta"] == 5000.0 and back_cfg["dtype"] == src_cfg["dtype"]
+    assert (back / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+
+    if in_shard is not None:
+        index = json.loads((back / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) > 1 and not (back / "model.safetensors").exists()
+        tensors = hf_fixtures.read_hf_tensors(back)
+        assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+        for f in files:  # a shard only exceeds the limit when it holds one tensor bigger than it
+            size = sum(tensors[n].nbytes for n, g in index["weight_map"].items() if g == f)
+            assert size <= 30_000 or sum(g == f for g in index["weight_map"].values()) == 1
+
+    tokens = torch.randint(0, hf_fixtures.GQA["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    ref, got = _logits(src, tokens), _logits(back, tokens)
+    assert transformers.LlamaForCausalLM.from_pretrained(back).dtype == dtype
+    assert float((ref - got).abs().max()) <= 1e-6
+
+
+def test_jax_to_hf_casts_and_matches_our_forward(tmp_path):
+    """The other direction end to end: our forward on loaded params == transformers on the export."""
+    import jax.numpy as jnp
+
+    from openchat_jax.model.llama import forward
+
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", **SMALL)
+    hf.import_hf(str(src), str(tmp_path / "jax"))
+    params, cfg = checkpoint_io.load_params(str(tmp_path / "jax"))
+    assert isinstance(params["embed"], np.ndarray) and params["blocks"]["wq"].dtype == np.float32
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 20))
+    ours = forward(params, cfg.replace(dtype="float32"), jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(20), (2, 20)),
+                   jnp.ones((2, 20), jnp.int32))
+    np.testing.assert_allclose(np.asarray(ours), _logits(src, torch.as_tensor(tokens)).numpy(), atol=1e-4, rtol=0)
+
+    files = hf.export_hf(str(tmp_path / "jax"), str(tmp_path / "bf16"), dtype="bfloat16")
+    assert [f.name for f in files] == ["model.safetensors", "config.json"]
+    tensors = hf_fixtures.read_hf_tensors(tmp_path / "bf16")
+    original = hf_fixtures.read_hf_tensors(src)
+    for name, t in tensors.items():
+        assert t.dtype.name == "bfloat16"
+        np.testing.assert_array_equal(t, original[name].astype(t.dtype))
+    assert transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_add_eot_appends_mean_row(tmp_path, dtype):
+    V = hf_fixtures.GQA["vocab_size"]
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", dtype=dtype, tokenizer=True, **SMALL)
+    _convert("hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "jax"), "--add-eot")
+
+    params, cfg = checkpoint_io.load_params(str(tmp_path / "jax"))
+    assert cfg.vocab_size == V + 1
+    assert checkpoint_io.read_special_tokens(str(tmp_path / "jax"))["eot_token_id"] == V
+    original = hf_fixtures.read_hf_tensors(src)
+    embed_old, head_old = original["model.embed_tokens.weight"], original["lm_head.weight"]  # [V, E] each
+    embed, head = params["embed"], params["lm_head"].T
+    assert embed.shape == head.shape == (V + 1, hf_fixtures.GQA["hidden_size"]) and embed.dtype == embed_old.dtype
+    assert embed[:V].tobytes() == embed_old.tobytes() and np.ascontiguousarray(head[:V]).tobytes() == head_old.tobytes()
+    # Reference mean from torch in float64, cast once: equal up to the dtype's rounding.
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 1e-6
+    for new_row, old in ((embed[V], embed_old), (head[V], head_old)):
+        expected = torch.from_numpy(old.astype(np.float64)).mean(0).numpy()
+        np.testing.assert_allclose(new_row.astype(np.float64), expected, rtol=ulp, atol=1e-7)
+        assert np.abs(new_row.astype(np.float64) - expected).max() < np.abs(old.astype(np.float64)).max() / 10
+
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "jax" / "tokenizer")
+    assert tok.convert_tokens_to_ids(hf.EOT_TOKEN) == V and len(tok) == V + 1
+    assert tok("w5 <|end_of_turn|>", add_special_tokens=False).input_ids == [5, V]
+
+    _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "back"))
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back")
+    assert model.config.vocab_size == V + 1 and model.get_input_embeddings().weight.shape[0] == V + 1
+    back_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back_tok.convert_tokens_to_ids(hf.EOT_TOKEN) == V
+
+
+def test_existing_eot_in_tokenizer_is_recorded(tmp_path):
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", **SMALL)
+    tok = hf_fixtures.make_tokenizer(hf_fixtures.GQA["vocab_size"] - 1)
+    tok.add_tokens([transformers.AddedToken(hf.EOT_TOKEN, special=True, normalized=False)], special_tokens=True)
+    tok.save_pretrained(src)
+    hf.import_hf(str(src), str(tmp_path / "jax"))
+    assert checkpoint_io.read_special_tokens(str(tmp_path / "jax"))["eot_token_id"] == hf_fixtures.GQA["vocab_size"] - 1
+    assert cli.main(["convert", "hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "j2"), "--add-eot"]) == 2
+
+
+@pytest.mark.parametrize("size,expected", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("300kb", 300_000), ("1000", 1000)])
+def test_parse_size(size, expected):
+    assert hf.parse_size(size) == expected
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def good_hf(tmp_path_factory) -> Path:
+    return hf_fixtures.make_hf_checkpoint(tmp_path_factory.mktemp("good") / "hf", **SMALL)
+
+
+def _rewrite_safetensors(folder: Path, edit) -> None:
+    tensors = hf_fixtures.read_hf_tensors(folder)
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _drop(name):
+    return lambda t: t.pop(name)
+
+
+def _set(name, shape):
+    return lambda t: t.__setitem__(name, np.zeros(shape, np.float32))
+
+
+BAD_HF = {
+    "no config.json": (lambda d: (d / "config.json").unlink(), ["no config.json", "{dir}"]),
+    "not llama": (lambda d: hf_fixtures.edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"]),
+                  ["config.json", "mistral", "not a Llama"]),
+    "attention bias": (lambda d: hf_fixtures.edit_config(d, attention_bias=True), ["config.json", "unsupported", "attention_bias"]),
+    "mlp bias": (lambda d: hf_fixtures.edit_config(d, mlp_bias=True), ["unsupported", "mlp_bias"]),
+    "tied embeddings": (lambda d: hf_fixtures.edit_config(d, tie_word_embeddings=True), ["unsupported", "tie_word_embeddings"]),
+    "rope scaling": (lambda d: hf_fixtures.edit_config(d, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                     ["unsupported", "rope_scaling", "linear"]),
+    "missing tensor": (lambda d: _rewrite_safetensors(d, _drop("model.layers.1.mlp.up_proj.weight")),
+                       ["model.safetensors", "missing tensor model.layers.1.mlp.up_proj.weight"]),
+    "mis-shaped tensor": (lambda d: _rewrite_safetensors(d, _set("model.layers.0.self_attn.k_proj.weight", (8, 48))),
+                          ["model.safetensors", "model.layers.0.self_attn.k_proj.weight", "(8, 48)", "(16, 48)"]),
+    "unexpected bias": (lambda d: _rewrite_safetensors(d, _set("model.layers.0.self_attn.q_proj.bias", (48,))),
+                        ["model.safetensors", "unexpected tensor model.layers.0.self_attn.q_proj.bias"]),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), ["neither model.safetensors nor"]),
+    "bad json": (lambda d: (d / "config.json").write_text("{"), ["config.json", "JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HF))
+def test_bad_hf_input_gives_one_clear_line(tmp_path, good_hf, case, capsys):
+    folder = tmp_path / "hf"
+    shutil.copytree(good_hf, folder)
+    mutate, expected = BAD_HF[case]
+    mutate(folder)
+    capsys.readouterr()
+    assert cli.main(["convert", "hf-to-jax", "--hf-dir", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("openchat-jax convert: error: "), err
+    for text in expected:
+        assert text.format(dir=folder) in err, (text, err)
+    assert not (tmp_path / "out" / "params").exists()
+
+
+def test_missing_shard_is_named(tmp_path, capsys):
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", max_shard_size="60KB", **SMALL)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (src / victim).unlink()
+    assert cli.main(["convert", "hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert victim in err and "model.safetensors.index.json" in err
+
+
+def test_bad_jax_side_input(tmp_path, good_hf, capsys):
+    assert cli.main(["convert", "jax-to-hf", "--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "model_config.json" in capsys.readouterr().err
+    hf.import_hf(str(good_hf), str(tmp_path / "jax"))
+    assert cli.main(["convert", "hf-to-jax", "--hf-dir", str(good_hf), "--out", str(tmp_path / "jax")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    argv = ["convert", "jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "o"), "--max-shard-size", "lots"]
+    assert cli.main(argv) == 2
+    assert "max shard size 'lots'" in capsys.readouterr().err
+    # A weights folder whose model_config.json disagrees with the stored tensors.
+    cfg = json.loads((tmp_path / "jax" / "model_config.json").read_text())
+    (tmp_path / "jax" / "model_config.json").write_text(json.dumps({**cfg, "mlp": 99}))
+    assert cli.main(["convert", "jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "blocks.w_gate" in err and "(2, 48, 100)" in err and err.count("\n") == 1

@@ -1,0 +1,145 @@
+"""The Flax Llama is transformers' LlamaForCausalLM: logits and per-layer hidden states on random
+small configs (GQA, non-power-of-two sizes, head_dim != embed / heads), packed rows, scanned vs
+unrolled layers, remat policies, and KV-cache decoding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_fixtures
+from openchat_jax.model import hf
+from openchat_jax.model.llama import forward, init_cache
+
+
+_PAIRS: dict[str, tuple] = {}
+
+
+def _pair(name: str, tmp_path_factory) -> tuple:
+    """(HF torch model, our params, our cfg) holding the same random weights, loaded through the
+    HF reader (so the weight mapping is under test too)."""
+    if name not in _PAIRS:
+        config = hf_fixtures.GQA if name == "gqa" else hf_fixtures.MHA_WIDE_HEADS
+        model = hf_fixtures.random_hf_model(hf_fixtures.hf_config(**config), seed=1)
+        folder = hf_fixtures.save_hf(model, tmp_path_factory.mktemp(name))
+        ckpt = hf.HFCheckpoint(folder)
+        cfg = ckpt.cfg.replace(dtype="float32", param_dtype="float32", remat_policy="none")
+        _PAIRS[name] = (model, jax.tree.map(jnp.asarray, ckpt.params()), cfg)
+    return _PAIRS[name]
+
+
+@pytest.fixture(scope="module", params=["gqa", "mha_wide_heads"])
+def pair(request, tmp_path_factory):
+    return _pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    """The GQA pair only, for the slower checks (compile time dominates on CPU)."""
+    return _pair("gqa", tmp_path_factory)
+
+
+def _row_inputs(tokens: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+    B, L = tokens.shape
+    return jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(L), (B, L)), jnp.ones((B, L), jnp.int32)
+
+
+def test_logits_and_hidden_states_match_transformers(pair):
+    model, params, cfg = pair
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 64))
+    layer_outputs: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: layer_outputs.append(o[0] if isinstance(o, tuple) else o))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        out = model(torch.as_tensor(tokens), output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+
+    logits, hidden = jax.jit(lambda p, *a: forward(p, cfg, *a, return_hidden=True))(params, *_row_inputs(tokens))
+    assert logits.shape == (2, 64, cfg.vocab_size) and hidden.shape == (cfg.num_layers, 2, 64, cfg.embed)
+    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=0)
+
+    # Our hidden[i] is layer i's output; HF's output_hidden_states is (embeddings, layer 0 .. layer
+    # Ly-2 outputs, final-normed last layer), so the last layer is checked through a forward hook.
+    hs = out.hidden_states
+    assert len(hs) == cfg.num_layers + 1 and len(layer_outputs) == cfg.num_layers
+    for i in range(cfg.num_layers):
+        np.testing.assert_allclose(np.asarray(hidden[i]), layer_outputs[i].numpy(), atol=1e-4, rtol=0)
+        if i < cfg.num_layers - 1:
+            np.testing.assert_allclose(np.asarray(hidden[i]), hs[i + 1].numpy(), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        final = model.model.norm(layer_outputs[-1])
+    np.testing.assert_allclose(final.numpy(), hs[-1].numpy(), atol=1e-6)
+
+
+def test_packed_row_equals_each_sequence_alone(pair):
+    _, params, cfg = pair
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, cfg.vocab_size, 23), rng.integers(0, cfg.vocab_size, 30)
+    pad = np.zeros(64 - 23 - 30, np.int64)
+    tokens = np.concatenate([a, b, pad])[None]
+    positions = np.concatenate([np.arange(23), np.arange(30), np.arange(len(pad))])[None]
+    segments = np.concatenate([np.full(23, 1), np.full(30, 2), np.zeros(len(pad), int)])[None]
+    fwd = jax.jit(lambda p, *x: forward(p, cfg, *x))
+    packed = np.asarray(fwd(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)))
+    alone_a = np.asarray(fwd(params, *_row_inputs(a[None])))
+    alone_b = np.asarray(fwd(params, *_row_inputs(b[None])))
+    np.testing.assert_allclose(packed[0, :23], alone_a[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(packed[0, 23:53], alone_b[0], atol=1e-5, rtol=0)
+    # The check has teeth: without segment ids, b would attend to a and differ.
+    leaky = np.asarray(fwd(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.ones_like(jnp.asarray(segments))))
+    assert np.abs(leaky[0, 23:53] - alone_b[0]).max() > 1e-3
+
+
+def test_scanned_and_unrolled_layers_agree(gqa):
+    _, params, cfg = gqa
+    inputs = _row_inputs(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 32)))
+    scanned, h_scanned = forward(params, cfg.replace(scan_layers=True), *inputs, return_hidden=True)
+    unrolled, h_unrolled = forward(params, cfg.replace(scan_layers=False), *inputs, return_hidden=True)
+    # Not bit-identical: XLA fuses the scan body and the unrolled layers differently.
+    np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(h_scanned), np.asarray(h_unrolled), atol=1e-5, rtol=0)
+
+
+def test_remat_policies_give_the_same_gradients(gqa):
+    _, params, cfg = gqa
+    rng = np.random.default_rng(3)
+    inputs = _row_inputs(rng.integers(0, cfg.vocab_size, (2, 8)))
+    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)))
+
+    def loss(p, c):
+        logits = forward(p, c, *inputs)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+    grads = {
+        policy: jax.jit(jax.grad(lambda p, c=cfg.replace(remat_policy=policy): loss(p, c)))(params)
+        for policy in ("none", "full", "dots", "minimal")
+    }
+    ref = jax.tree.leaves(grads["none"])
+    assert max(float(jnp.abs(g).max()) for g in ref) > 1e-3  # a real gradient, not all zeros
+    for policy in ("full", "dots", "minimal"):
+        for path, g, r in zip(jax.tree.leaves_with_path(grads[policy]), jax.tree.leaves(grads[policy]), ref):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, rtol=0, err_msg=f"{policy} {path[0]}")
+
+
+def test_kv_cache_decode_matches_full_forward(gqa):
+    _, params, cfg = gqa
+    B, prompt, total, cache_len = 2, 10, 17, 24
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (B, total))
+    full = np.asarray(forward(params, cfg, *_row_inputs(tokens)))
+
+    step = jax.jit(lambda p, c, t, pos, idx: forward(p, cfg, t, pos, jnp.ones_like(t), cache=c, cache_index=idx))
+    cache = init_cache(cfg, B, cache_len, jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(prompt), (B, prompt))
+    logits, cache = step(params, cache, jnp.asarray(tokens[:, :prompt]), pos, 0)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :prompt], atol=1e-4, rtol=0)
+    for t in range(prompt, total):
+        logits, cache = step(params, cache, jnp.asarray(tokens[:, t : t + 1]), jnp.full((B, 1), t), t)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], atol=1e-4, rtol=0, err_msg=f"step {t}")
+    assert np.asarray(cache["segment_ids"])[:, :total].all() and not np.asarray(cache["segment_ids"])[:, total:].any()
