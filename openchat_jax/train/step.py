@@ -143,7 +143,7 @@ def train_step(
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums(num_classes)), split_micro_batches(batch, micro_batches))
 
     metrics = sums_to_metrics(sums)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     lr = schedule(schedule_count(state["opt_state"]))
     updates, new_opt_state = tx.update(grads, state["opt_state"], params)
