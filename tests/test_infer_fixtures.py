@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from openchat_jax.model.config import TINY, LlamaConfig
 from openchat_jax.model.llama import init_params
@@ -57,3 +58,34 @@ def tokenizer_vocab(tokenizer_dir: Path) -> int:
     from openchat_jax.data.tokenizer import load_tokenizer
 
     return len(load_tokenizer(tokenizer_dir)[0])
+
+
+CLASSES = [
+    {"name": "gpt3", "condition": "GPT3", "weight": 0.1},
+    {"name": "gpt4", "condition": "GPT4", "weight": 1.0},
+]
+
+
+# Fixtures imported into several test modules get one definition per module; this cache makes
+# the (slow-ish) weights folder and model once per session all the same.
+_SESSION: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """A weights folder as training leaves it: params sized to the fixture tokenizer (with
+    <|end_of_turn|>), tokenizer/, special_tokens.json and classes.json."""
+    if "ckpt" not in _SESSION:
+        cfg = SMALL.replace(vocab_size=tokenizer_vocab(tiny_tokenizer_dir))
+        folder = tmp_path_factory.mktemp("chat_ckpt") / "weights"
+        _SESSION["ckpt"] = save_weights(folder, random_params(cfg, seed=5), cfg, tiny_tokenizer_dir, classes=CLASSES)
+    return _SESSION["ckpt"]
+
+
+@pytest.fixture(scope="session")
+def chat_model(chat_ckpt):
+    from openchat_jax.infer.engine import load_chat_model
+
+    if "model" not in _SESSION:
+        _SESSION["model"] = load_chat_model(chat_ckpt)
+    return _SESSION["model"]

@@ -119,3 +119,35 @@ def check_chat_template(out_dir: str | Path, tokenizer: Any, eot_id: int, condit
                 f"(system={bool(system)}): apply_chat_template gives {exported.convert_ids_to_tokens(list(theirs))}, "
                 f"build_prompt gives {exported.convert_ids_to_tokens(ours)}"
             )
+
+
+def export_chat_files(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    class_name: str | None = None,
+    condition_text: str | None = None,
+    classes_from: str | Path | None = None,
+    tokenizer_path: str | Path | None = None,
+) -> str | None:
+    """What `convert jax-to-hf` calls after writing the weights: the weights folder's tokenizer
+    (or `tokenizer_path`) and the chosen class (default: the highest weight among the recorded
+    classes) -> `write_chat_files`. Returns the condition written, or None when there is no
+    tokenizer to write or the model has no `<|end_of_turn|>` row (a base model converted without
+    --add-eot), in which case nothing is written."""
+    from openchat_jax.data.tokenizer import load_tokenizer
+    from openchat_jax.infer.classes import resolve_condition
+    from openchat_jax.model import checkpoint_io
+
+    if tokenizer_path is None:
+        found = checkpoint_io.tokenizer_dir(str(ckpt_dir))
+        if found is None:
+            return None
+        tokenizer_path = str(found)
+    tokenizer, eot_id = load_tokenizer(tokenizer_path)
+    if eot_id >= checkpoint_io.read_model_config(str(ckpt_dir)).vocab_size:
+        return None
+    conv_class = resolve_condition(ckpt_dir, class_name=class_name, condition_text=condition_text,
+                                   classes_from=classes_from)
+    write_chat_files(out_dir, tokenizer, eot_id, conv_class.condition)
+    return conv_class.condition
