@@ -231,3 +231,47 @@ def test_bad_jax_side_input(tmp_path, good_hf, capsys):
     assert cli.main(["convert", "jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "blocks.w_gate" in err and "(2, 48, 100)" in err and err.count("\n") == 1
+
+
+def test_llama_style_tokenizer_keeps_its_behaviour_and_exports_a_chat_template(tmp_path):
+    """--add-eot on a Llama-2-style (legacy Metaspace, byte fallback) tokenizer: the weights folder's
+    tokenizer splits text exactly like the source plus the new token; jax-to-hf with a condition
+    writes the chat template and generation_config.json through openchat_jax.infer.export."""
+    from tokenizer_fixture import build_tiny_tokenizer
+
+    from openchat_jax.data.tokenizer import load_tokenizer
+
+    tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+    V = len(transformers.AutoTokenizer.from_pretrained(tok_dir))
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", vocab_size=V, **SMALL)
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, src / f.name)
+    _convert("hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "jax"), "--add-eot")
+
+    reference, ref_eot = load_tokenizer(src)
+    written, eot = load_tokenizer(tmp_path / "jax" / "tokenizer")
+    assert eot == ref_eot == V and len(written) == V + 1
+    for text in ("a<|end_of_turn|>b", "GPT4 User: Hello, how are you?<|end_of_turn|>GPT4 Assistant:", "<s>hi"):
+        assert written(text).input_ids == reference(text).input_ids, text
+    assert written("a<|end_of_turn|>b", add_special_tokens=False).input_ids.count(V) == 1
+
+    # Without a class nothing is guessed; with one the chat files are written.
+    _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "plain"))
+    assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
+    _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "chat"), "--condition-text", "GPT4")
+    assert "GPT4" in json.loads((tmp_path / "chat" / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["eos_token_id"] == V
+    assert transformers.LlamaForCausalLM.from_pretrained(tmp_path / "chat").config.vocab_size == V + 1
+
+
+def test_chat_template_needs_an_eot_row(tmp_path, capsys):
+    from tokenizer_fixture import build_tiny_tokenizer
+
+    tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", vocab_size=len(transformers.AutoTokenizer.from_pretrained(tok_dir)), **SMALL)
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, src / f.name)
+    _convert("hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "jax"))  # no --add-eot
+    argv = ["convert", "jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "o"), "--condition-text", "GPT4"]
+    assert cli.main(argv) == 2
+    assert "--add-eot" in capsys.readouterr().err

@@ -25,6 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (default 5GB)")
     to_hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast tensors (default: as stored)")
     to_hf.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    chat = to_hf.add_argument_group(
+        "chat template", "written when the weights folder has tokenizer/ and a class is known: CKPT/classes.json, "
+        "--classes-from or --condition-text (default class: the highest weight)",
+    )
+    chat.add_argument("--condition", help="class whose template prefix the chat template uses")
+    chat.add_argument("--condition-text", help="a literal template prefix instead of a class, e.g. GPT4")
+    chat.add_argument("--classes-from", help="classes.json / dataset_info.json, or a folder holding one")
     to_hf.set_defaults(func=_jax_to_hf)
 
 
@@ -47,5 +54,34 @@ def _jax_to_hf(args: argparse.Namespace) -> int:
         args.ckpt, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite
     )
     shards = sum(1 for f in files if f.name.endswith(".safetensors"))
-    print(f"wrote {args.out}: {shards} safetensors file(s), {len(files)} files in all")
+    print(f"wrote {args.out}: {shards} safetensors file(s), {len(files)} files in all; {_chat_files(args)}")
     return 0
+
+
+def _chat_files(args: argparse.Namespace) -> str:
+    """Chat template + generation_config.json via openchat_jax.infer.export; returns a summary."""
+    from openchat_jax.errors import CheckpointError
+    from openchat_jax.model import checkpoint_io
+
+    if checkpoint_io.tokenizer_dir(args.ckpt) is None:
+        return "no tokenizer/ in the weights folder, so no tokenizer or chat template"
+    from openchat_jax.infer.classes import find_classes, resolve_condition
+
+    chosen = args.condition is not None or args.condition_text is not None or args.classes_from is not None
+    if not chosen and find_classes(args.ckpt) is None:
+        return "no classes recorded, so no chat template (pass --condition-text GPT4 or --classes-from DIR)"
+    from openchat_jax.data.tokenizer import load_tokenizer
+    from openchat_jax.infer.export import write_chat_files
+
+    conv_class = resolve_condition(
+        args.ckpt, class_name=args.condition, condition_text=args.condition_text, classes_from=args.classes_from
+    )
+    tokenizer, eot_id = load_tokenizer(args.out)  # the tokenizer files export_hf just copied
+    vocab_size = checkpoint_io.read_model_config(args.ckpt).vocab_size
+    if eot_id >= vocab_size:
+        raise CheckpointError(
+            f"{args.ckpt}: the model has no <|end_of_turn|> row (vocab_size {vocab_size}, token id {eot_id}); "
+            "convert the base model with --add-eot"
+        )
+    write_chat_files(args.out, tokenizer, eot_id, conv_class.condition)
+    return f"chat template for condition {conv_class.condition!r}, eos = <|end_of_turn|> (id {eot_id})"

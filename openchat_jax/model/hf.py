@@ -336,23 +336,39 @@ def _find_token_id(tokenizer_dir: Path, token: str) -> int | None:
     return None
 
 
-def _save_tokenizer_with_eot(src: Path, dst: Path, expected_id: int) -> None:
-    # TODO(data): switch to openchat_jax.data.tokenizer once it offers "add <|end_of_turn|>".
-    from transformers import AddedToken, AutoTokenizer
+def _write_tokenizer_with_eot(src: Path, dst: Path, files: list[str], eot_id: int) -> None:
+    """Copy the tokenizer files with <|end_of_turn|> registered as added special token `eot_id`.
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(src))
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad tokenizer folders
-        raise CheckpointError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
-    tok.add_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)], special_tokens=True)
-    got = tok.convert_tokens_to_ids(EOT_TOKEN)
-    if got != expected_id:
+    The files are edited, not re-saved through transformers: a save/load round trip in
+    transformers 5 changes how Llama-2's legacy tokenizer splits text after special tokens, and
+    the weights folder's tokenizer must tokenize exactly as the source does."""
+    from openchat_jax.data.tokenizer import load_tokenizer
+
+    reference, ref_id = load_tokenizer(src)  # adds the token in memory at the next free id
+    if ref_id != eot_id:
         raise CheckpointError(
-            f"{src}: the tokenizer gives {EOT_TOKEN} id {got}, but the embedding's new row is {expected_id} "
-            f"(tokenizer has {len(tok) - 1} tokens, config.json vocab_size={expected_id})"
+            f"{src}: the tokenizer would give {EOT_TOKEN} id {ref_id}, but the embedding's new row is {eot_id} "
+            f"(the tokenizer has {len(reference) - 1} tokens, config.json vocab_size={eot_id})"
         )
-    dst.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(dst))
+    for f in files:
+        shutil.copy2(src / f, dst / f)
+    entry = {"content": EOT_TOKEN, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    if (dst / "tokenizer.json").is_file():
+        data = _read_json(dst / "tokenizer.json")
+        data.setdefault("added_tokens", []).append({"id": eot_id, **entry})
+        (dst / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2))
+    else:  # sentencepiece-only folder: the slow-tokenizer way of adding tokens
+        added = _read_json(dst / "added_tokens.json") if (dst / "added_tokens.json").is_file() else {}
+        (dst / "added_tokens.json").write_text(json.dumps({**added, EOT_TOKEN: eot_id}, ensure_ascii=False, indent=2))
+    if (dst / "tokenizer_config.json").is_file():
+        config = _read_json(dst / "tokenizer_config.json")
+        config.setdefault("added_tokens_decoder", {})[str(eot_id)] = entry
+        (dst / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+
+    written, got_id = load_tokenizer(dst)
+    probe = f"Hello{EOT_TOKEN}world {EOT_TOKEN} GPT4 User: 2 + 2?"
+    if got_id != eot_id or written(probe).input_ids != reference(probe).input_ids:
+        raise CheckpointError(f"{src}: adding {EOT_TOKEN} to the tokenizer files changed how it tokenizes")
 
 
 # ----------------------------------------------------------------------------- the two directions
@@ -383,7 +399,7 @@ def import_hf(hf_dir: str, out_dir: str, *, add_eot: bool = False, overwrite: bo
         with tempfile.TemporaryDirectory() as tmp:
             if add_eot:
                 # Before the weights: a tokenizer that disagrees must fail before minutes of conversion.
-                _save_tokenizer_with_eot(src, Path(tmp), eot_id)
+                _write_tokenizer_with_eot(src, Path(tmp), tokenizer_files, eot_id)
             else:
                 for f in tokenizer_files:
                     shutil.copy2(src / f, Path(tmp) / f)

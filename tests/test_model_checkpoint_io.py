@@ -1,0 +1,112 @@
+"""The JAX weights folder: sharded save on a mesh, restore straight into other shardings, dtype
+cast on restore, leaf-by-leaf streaming, side files, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from openchat_jax.errors import CheckpointError
+from openchat_jax.model import checkpoint_io
+from openchat_jax.model.config import LlamaConfig
+from openchat_jax.model.llama import param_logical_axes, param_shapes
+from openchat_jax.model.partitioning import logical_to_spec
+
+CFG = LlamaConfig(vocab_size=70, embed=32, mlp=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                  dtype="float32", param_dtype="float32")
+RULES = [("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor")]
+
+
+def _shardings(mesh, rules):
+    return jax.tree.map(
+        lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules, mesh)),
+        param_logical_axes(CFG),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Params created sharded on a (fsdp=4, tensor=2) mesh and saved."""
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    shardings = _shardings(mesh, RULES)
+    rng = np.random.default_rng(0)
+    host = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), param_shapes(CFG))
+    params = jax.device_put(host, shardings)
+    assert params["blocks"]["wq"].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    folder = tmp_path_factory.mktemp("w") / "weights"
+    checkpoint_io.save_params(str(folder), params, CFG, special_tokens={"bos_token_id": 1, "eot_token_id": 69})
+    return folder, jax.tree.map(np.asarray, params)
+
+
+def test_restore_into_other_shardings(saved):
+    folder, expected = saved
+    mesh = jax.make_mesh((8,), ("data",))
+    shardings = _shardings(mesh, [("embed", "data"), ("mlp", "data")])
+    params, cfg = checkpoint_io.load_params(str(folder), shardings)
+    assert cfg == CFG
+    for got, want, sh in zip(jax.tree.leaves(params), jax.tree.leaves(expected), jax.tree.leaves(shardings)):
+        assert isinstance(got, jax.Array) and got.sharding == sh
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert params["blocks"]["w_down"].sharding.spec == PartitionSpec(None, "data", None)
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+    params, _ = checkpoint_io.load_params(str(folder), one)
+    assert all(x.sharding == one for x in jax.tree.leaves(params))
+
+
+def test_restore_to_host_and_cast(saved):
+    folder, expected = saved
+    params, cfg = checkpoint_io.load_params(str(folder))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    np.testing.assert_array_equal(params["lm_head"], expected["lm_head"])
+    bf16, cfg16 = checkpoint_io.load_params(str(folder), dtype=jnp.bfloat16)
+    assert cfg16.param_dtype == "bfloat16" and bf16["embed"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(bf16["embed"], expected["embed"].astype(ml_dtypes.bfloat16))
+
+
+def test_iter_params_streams_every_leaf_in_order(saved):
+    folder, expected = saved
+    seen = []
+    for path, leaf in checkpoint_io.iter_params(str(folder)):
+        node = expected
+        for key in path:
+            node = node[key]
+        np.testing.assert_array_equal(leaf, node)
+        seen.append(path)
+    assert seen == list(checkpoint_io.expected_shapes(CFG))
+
+
+def test_side_files_and_copy_assets(saved, tmp_path):
+    folder, expected = saved
+    assert json.loads((folder / "model_config.json").read_text())["num_kv_heads"] == 2
+    special = checkpoint_io.read_special_tokens(str(folder))
+    assert special == {"bos_token_id": 1, "eos_token_id": None, "pad_token_id": None, "eot_token_id": 69}
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    (folder / "tokenizer" / "tokenizer.json").write_text("{}")
+    bf16 = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), expected)
+    checkpoint_io.save_params(str(tmp_path / "next"), bf16, CFG, copy_assets_from=str(folder))
+    assert checkpoint_io.read_special_tokens(str(tmp_path / "next")) == special
+    assert (tmp_path / "next" / "tokenizer" / "tokenizer.json").read_text() == "{}"
+    assert checkpoint_io.read_model_config(str(tmp_path / "next")).param_dtype == "bfloat16"
+
+
+def test_errors_name_the_problem(saved, tmp_path):
+    folder, expected = saved
+    with pytest.raises(CheckpointError, match="already exists"):
+        checkpoint_io.save_params(str(folder), expected, CFG)
+    bad = {**expected, "blocks": {**expected["blocks"], "wk": expected["blocks"]["wk"][:, :, :1]}}
+    with pytest.raises(CheckpointError, match=r"blocks\.wk has shape \(2, 32, 1, 8\), expected \(2, 32, 2, 8\)"):
+        checkpoint_io.save_params(str(tmp_path / "bad"), bad, CFG)
+    with pytest.raises(CheckpointError, match="missing"):
+        checkpoint_io.save_params(str(tmp_path / "bad"), {k: v for k, v in expected.items() if k != "lm_head"}, CFG)
+    with pytest.raises(CheckpointError, match="no model_config.json"):
+        checkpoint_io.load_params(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="shardings tree does not match"):
+        checkpoint_io.load_params(str(folder), {"embed": jax.sharding.SingleDeviceSharding(jax.devices()[0])})
