@@ -262,6 +262,12 @@ def test_llama_style_tokenizer_keeps_its_behaviour_and_exports_a_chat_template(t
     assert "GPT4" in json.loads((tmp_path / "chat" / "tokenizer_config.json").read_text())["chat_template"]
     assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["eos_token_id"] == V
     assert transformers.LlamaForCausalLM.from_pretrained(tmp_path / "chat").config.vocab_size == V + 1
+    # Classes recorded beside the weights: the highest-weight (expert) class by default.
+    classes = [{"name": "gpt3", "condition": "GPT3", "weight": 0.1}, {"name": "gpt4", "condition": "GPT4", "weight": 1.0}]
+    (tmp_path / "jax" / "classes.json").write_text(json.dumps(classes))
+    _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "recorded"))
+    template = json.loads((tmp_path / "recorded" / "tokenizer_config.json").read_text())["chat_template"]
+    assert "GPT4" in template and "GPT3" not in template
 
 
 def test_chat_template_needs_an_eot_row(tmp_path, capsys):

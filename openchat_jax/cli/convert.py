@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--condition", help="class whose template prefix the chat template uses")
     chat.add_argument("--condition-text", help="a literal template prefix instead of a class, e.g. GPT4")
     chat.add_argument("--classes-from", help="classes.json / dataset_info.json, or a folder holding one")
+    chat.add_argument("--tokenizer", help="tokenizer folder for the chat files (default: CKPT/tokenizer)")
     to_hf.set_defaults(func=_jax_to_hf)
 
 
@@ -61,27 +62,19 @@ def _jax_to_hf(args: argparse.Namespace) -> int:
 def _chat_files(args: argparse.Namespace) -> str:
     """Chat template + generation_config.json via openchat_jax.infer.export; returns a summary."""
     from openchat_jax.errors import CheckpointError
-    from openchat_jax.model import checkpoint_io
+    from openchat_jax.infer.classes import find_classes
+    from openchat_jax.infer.export import export_chat_files
 
-    if checkpoint_io.tokenizer_dir(args.ckpt) is None:
-        return "no tokenizer/ in the weights folder, so no tokenizer or chat template"
-    from openchat_jax.infer.classes import find_classes, resolve_condition
-
-    chosen = args.condition is not None or args.condition_text is not None or args.classes_from is not None
+    chosen = any(v is not None for v in (args.condition, args.condition_text, args.classes_from))
     if not chosen and find_classes(args.ckpt) is None:
         return "no classes recorded, so no chat template (pass --condition-text GPT4 or --classes-from DIR)"
-    from openchat_jax.data.tokenizer import load_tokenizer
-    from openchat_jax.infer.export import write_chat_files
-
-    conv_class = resolve_condition(
-        args.ckpt, class_name=args.condition, condition_text=args.condition_text, classes_from=args.classes_from
+    condition = export_chat_files(
+        args.ckpt, args.out, class_name=args.condition, condition_text=args.condition_text,
+        classes_from=args.classes_from, tokenizer_path=args.tokenizer,
     )
-    tokenizer, eot_id = load_tokenizer(args.out)  # the tokenizer files export_hf just copied
-    vocab_size = checkpoint_io.read_model_config(args.ckpt).vocab_size
-    if eot_id >= vocab_size:
-        raise CheckpointError(
-            f"{args.ckpt}: the model has no <|end_of_turn|> row (vocab_size {vocab_size}, token id {eot_id}); "
-            "convert the base model with --add-eot"
-        )
-    write_chat_files(args.out, tokenizer, eot_id, conv_class.condition)
-    return f"chat template for condition {conv_class.condition!r}, eos = <|end_of_turn|> (id {eot_id})"
+    if condition is None:
+        why = "no tokenizer (no CKPT/tokenizer/, no --tokenizer) or no <|end_of_turn|> row in the model (convert with --add-eot)"
+        if chosen:
+            raise CheckpointError(f"{args.ckpt}: cannot write a chat template: {why}")
+        return f"no chat template: {why}"
+    return f"chat template for condition {condition!r}, eos = <|end_of_turn|>"
