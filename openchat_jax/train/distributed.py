@@ -19,9 +19,20 @@ from openchat_jax.errors import ConfigError
 
 
 def _on_cluster() -> bool:
+    """True where jax.distributed can configure itself: SLURM with several tasks, Cloud TPU VMs
+    (pod slices read the worker list from the metadata server, not the environment), GKE, MPI."""
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1)
-    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
-    return slurm_tasks > 1 or tpu_pod
+    if slurm_tasks > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+        return True
+    try:  # JAX's own detectors (private API: fall back to the checks above if it moves)
+        from jax._src.clusters import ClusterEnv
+
+        return any(
+            env.is_env_present() for env in ClusterEnv._cluster_types
+            if not getattr(env, "opt_in_only_method", False) and env.__name__ != "SlurmCluster"
+        )
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def initialize(
