@@ -102,6 +102,12 @@ def test_condition_defaults_to_the_highest_weight(tmp_path):
     (info / "dataset_info.json").write_text(json.dumps({"classes": {"a": {"condition": "A", "weight": 0.5},
                                                                     "b": {"condition": "B", "weight": 2.0}}}))
     assert resolve_condition(tmp_path / "nowhere", classes_from=info).name == "b"
+    # the layout `prepare` writes: a list with per-class statistics next to name/condition/weight
+    (info / "dataset_info.json").write_text(json.dumps({"format": "x", "classes": [
+        {"name": "gpt4", "condition": "GPT4", "weight": 1.0, "conversations": 3, "tokens": 99},
+        {"name": "gpt3", "condition": "GPT3", "weight": 0.1, "conversations": 30, "tokens": 999}]}))
+    assert resolve_condition(tmp_path / "nowhere", classes_from=info).condition == "GPT4"
+    assert resolve_condition(tmp_path / "nowhere", class_name="gpt3", classes_from=info / "dataset_info.json").condition == "GPT3"
     assert resolve_condition(tmp_path / "nowhere", condition_text="GPT4").condition == "GPT4"
     with pytest.raises(ConfigError, match="--classes-from"):
         resolve_condition(tmp_path / "nowhere")

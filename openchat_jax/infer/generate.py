@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from openchat_jax.errors import DataError
 from openchat_jax.infer.sampling import SamplingConfig, sample
@@ -76,8 +76,11 @@ def _decode(
         return _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, max_new_tokens,
                             sampling, return_logits)
     with use_rules(mesh_rules.mesh, mesh_rules.rules):
-        return _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, max_new_tokens,
-                            sampling, return_logits)
+        outputs = _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, max_new_tokens,
+                               sampling, return_logits)
+    # Replicated results, so every process (multi-host) can read all rows.
+    replicated = NamedSharding(mesh_rules.mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, replicated), outputs)
 
 
 def _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, max_new_tokens, sampling,
