@@ -110,3 +110,41 @@ def test_errors_name_the_problem(saved, tmp_path):
         checkpoint_io.load_params(str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match="shardings tree does not match"):
         checkpoint_io.load_params(str(folder), {"embed": jax.sharding.SingleDeviceSharding(jax.devices()[0])})
+
+
+def test_streamed_save_writes_leaf_by_leaf_and_marks_completion_last(saved, tmp_path):
+    folder, expected = saved
+    flat = {p: leaf for p, leaf in checkpoint_io.iter_params(str(folder))}
+    written = []
+
+    def leaves():
+        for path, leaf in flat.items():
+            # Every earlier leaf is already on disk when the next is asked for.
+            assert all((tmp_path / "s" / "params" / ".".join(p)).is_dir() for p in written)
+            written.append(path)
+            yield path, leaf
+
+    checkpoint_io.save_param_leaves(str(tmp_path / "s"), leaves(), CFG)
+    params, _ = checkpoint_io.load_params(str(tmp_path / "s"))
+    np.testing.assert_array_equal(params["blocks"]["w_up"], expected["blocks"]["w_up"])
+
+    partial = ((p, v) for p, v in flat.items() if p != ("final_norm",))
+    with pytest.raises(CheckpointError, match=r"missing \['final_norm'\]"):
+        checkpoint_io.save_param_leaves(str(tmp_path / "p"), partial, CFG)
+    assert not (tmp_path / "p" / "model_config.json").exists()  # an unfinished folder is not loadable
+    with pytest.raises(CheckpointError, match="no model_config.json"):
+        checkpoint_io.load_params(str(tmp_path / "p"))
+    twice = [(("embed",), flat[("embed",)])] * 2
+    with pytest.raises(CheckpointError, match="repeated tensor embed"):
+        checkpoint_io.save_param_leaves(str(tmp_path / "r"), iter(twice), CFG)
+
+
+def test_missing_leaf_on_disk_is_named(saved, tmp_path):
+    import shutil
+
+    folder, _ = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "params" / "blocks.wv")
+    with pytest.raises(CheckpointError, match=r"missing tensor blocks\.wv"):
+        checkpoint_io.load_params(str(copy))

@@ -3,7 +3,9 @@ output, and what `convert jax-to-hf` and generation read.
 
 Layout of a weights folder DIR (a local path or gs://...):
   DIR/model_config.json    LlamaConfig fields (dataclasses.asdict); param_dtype = stored dtype
-  DIR/params/              orbax PyTree checkpoint of the params dict (`llama.param_specs` layout)
+  DIR/params/<leaf>/       one orbax PyTree checkpoint per leaf of the params dict, named by its
+                           dotted path (embed, blocks.wq, ..., lm_head; `llama.param_specs` layout),
+                           holding {"value": array}
   DIR/special_tokens.json  optional: {"bos_token_id", "eos_token_id", "pad_token_id", "eot_token_id"}
   DIR/hf_config.json       optional: the source HF config.json, so export keeps its extra fields
   DIR/tokenizer/           optional: HF tokenizer files (with <|end_of_turn|> after --add-eot)
@@ -11,16 +13,21 @@ Layout of a weights folder DIR (a local path or gs://...):
 Why orbax and not safetensors for this side: the writer is usually a training job on a TPU pod
 slice whose params are sharded jax.Arrays spread over many hosts. Orbax lets every process write
 only its own shards (no gather onto one host), restores straight into any target sharding (each
-host reads only the slices it needs), works on gs:// and stores each leaf as its own tensorstore
-array, so one leaf can be restored at a time (`iter_params`) and a 13B model never needs two full
-copies in host memory. safetensors would need a gather to one writer and has no gs:// support.
+host reads only the slices it needs) and works on gs://. safetensors would need a gather to one
+writer and has no gs:// support.
+
+Why one checkpoint per leaf: orbax copies a whole pytree to host memory before writing it, so
+saving the converted model in one call would hold it twice. Saved leaf by leaf (`save_param_leaves`)
+a conversion holds at most a couple of stacked leaves, and readers restore one leaf at a time
+(`iter_params`): a 13B model never needs two full copies in host memory. model_config.json is
+written last, so a folder without it is an unfinished save.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -106,6 +113,10 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
 
+def _leaf_dir(root: epath.Path, path: LeafPath) -> epath.Path:
+    return root / PARAMS / ".".join(path)
+
+
 def save_params(
     ckpt_dir: str,
     params: Params,
@@ -120,22 +131,60 @@ def save_params(
     weights folder (e.g. the one training started from), supplies special_tokens.json, hf_config.json
     and tokenizer/ unless given here. model_config.json records the stored dtype as param_dtype when
     all leaves share one."""
-    root = epath.Path(ckpt_dir)
     flat = _flatten(params)
-    _check_tree(flat, cfg, str(root))
-    dtypes = {np.dtype(x.dtype) for x in flat.values()}
-    if len(dtypes) == 1:
-        cfg = cfg.replace(param_dtype=str(dtypes.pop()))
+    _check_tree(flat, cfg, str(ckpt_dir))
+    save_param_leaves(
+        ckpt_dir, ((p, flat[p]) for p in expected_shapes(cfg)), cfg,
+        special_tokens=special_tokens, copy_assets_from=copy_assets_from, overwrite=overwrite,
+    )
+
+
+def save_param_leaves(
+    ckpt_dir: str,
+    leaves: Iterable[tuple[LeafPath, Any]],
+    cfg: LlamaConfig,
+    *,
+    special_tokens: dict[str, int | None] | None = None,
+    copy_assets_from: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """`save_params` for leaves produced one at a time ((path, array) pairs, e.g. ("blocks", "wq")),
+    each written and released before the next is asked for."""
+    root = epath.Path(ckpt_dir)
     if (root / PARAMS).exists() and not overwrite:
         raise CheckpointError(f"{root / PARAMS} already exists (pass overwrite=True / choose another --out)")
-
     primary = jax.process_index() == 0
     if primary:
-        root.mkdir(parents=True, exist_ok=True)
-    _checkpointer().save(root / PARAMS, args=ocp.args.PyTreeSave(params), force=overwrite)
+        if (root / MODEL_CONFIG).exists():
+            (root / MODEL_CONFIG).unlink()  # an overwrite is unfinished until the new one is written
+        if (root / PARAMS).exists():
+            (root / PARAMS).rmtree()
+        (root / PARAMS).mkdir(parents=True, exist_ok=True)
+    _sync(f"mkdir:{root}")
+
+    expected = expected_shapes(cfg)
+    dtypes: set[np.dtype] = set()
+    done: list[LeafPath] = []
+    ckpt = _checkpointer()
+    for path, value in leaves:
+        name = ".".join(path)
+        if path not in expected or path in done:
+            raise CheckpointError(f"{root}: unexpected or repeated tensor {name}")
+        if tuple(value.shape) != expected[path]:
+            raise CheckpointError(
+                f"{root}: tensor {name} has shape {tuple(value.shape)}, expected {expected[path]} from the model config"
+            )
+        ckpt.save(_leaf_dir(root, path), args=ocp.args.PyTreeSave({"value": value}))
+        dtypes.add(np.dtype(value.dtype))
+        done.append(path)
+        del value
+    missing = [".".join(p) for p in expected if p not in done]
+    if missing:
+        raise CheckpointError(f"{root}: params do not match model_config (missing {missing})")
+    if len(dtypes) == 1:
+        cfg = cfg.replace(param_dtype=str(dtypes.pop()))
 
     if primary:
-        _write_json(root / MODEL_CONFIG, dataclasses.asdict(cfg))
         source = epath.Path(copy_assets_from) if copy_assets_from else None
         if special_tokens is None and source is not None and (source / SPECIAL_TOKENS).exists():
             special_tokens = _read_json(source / SPECIAL_TOKENS)
@@ -151,10 +200,15 @@ def save_params(
                 (root / TOKENIZER).mkdir(parents=True, exist_ok=True)
                 for f in (source / TOKENIZER).iterdir():
                     f.copy(root / TOKENIZER / f.name, overwrite=True)
+        _write_json(root / MODEL_CONFIG, dataclasses.asdict(cfg))  # last: marks the folder complete
+    _sync(f"done:{root}")
+
+
+def _sync(tag: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"openchat_jax.save_params:{root}")
+        multihost_utils.sync_global_devices(f"openchat_jax.save_params:{tag}")
 
 
 def read_model_config(ckpt_dir: str) -> LlamaConfig:
@@ -186,16 +240,27 @@ def tokenizer_dir(ckpt_dir: str) -> epath.Path | None:
 def stored_metadata(ckpt_dir: str, cfg: LlamaConfig | None = None) -> dict[LeafPath, jax.ShapeDtypeStruct]:
     """Shape and dtype of every stored leaf (no tensor data read), checked against the model config."""
     cfg = read_model_config(ckpt_dir) if cfg is None else cfg
-    path = epath.Path(ckpt_dir) / PARAMS
-    if not path.exists():
-        raise CheckpointError(f"{ckpt_dir}: no {PARAMS}/ folder")
-    try:
-        tree = _checkpointer().metadata(path).item_metadata.tree
-    except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
-        raise CheckpointError(f"{path}: cannot read the orbax checkpoint metadata ({type(e).__name__}: {e})") from None
-    flat = {p: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(tree).items()}
-    _check_tree(flat, cfg, str(path))
+    root = epath.Path(ckpt_dir)
+    ckpt = _checkpointer()
+    flat: dict[LeafPath, jax.ShapeDtypeStruct] = {}
+    for path in expected_shapes(cfg):
+        leaf_dir = _leaf_dir(root, path)
+        if not leaf_dir.exists():
+            raise CheckpointError(f"{root}: missing tensor {'.'.join(path)} (no {PARAMS}/{'.'.join(path)}/)")
+        try:
+            meta = ckpt.metadata(leaf_dir).item_metadata.tree["value"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged folder
+            raise CheckpointError(f"{leaf_dir}: cannot read the orbax checkpoint metadata ({type(e).__name__}: {e})") from None
+        flat[path] = jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(meta.dtype))
+    _check_tree(flat, cfg, str(root / PARAMS))
     return flat
+
+
+def _restore_leaf(ckpt: ocp.Checkpointer, root: epath.Path, path: LeafPath, args: ocp.RestoreArgs) -> Any:
+    try:
+        return ckpt.restore(_leaf_dir(root, path), args=ocp.args.PyTreeRestore(restore_args={"value": args}))["value"]
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged data
+        raise CheckpointError(f"{_leaf_dir(root, path)}: cannot restore tensor {'.'.join(path)} ({type(e).__name__}: {e})") from None
 
 
 def load_params(
@@ -219,18 +284,17 @@ def load_params(
         if set(flat_shard) != set(meta):
             raise CheckpointError(f"load_params({ckpt_dir}): shardings tree does not match the params tree")
 
-    def restore_args(path: LeafPath) -> ocp.RestoreArgs:
+    root, ckpt = epath.Path(ckpt_dir), _checkpointer()
+    flat: dict[LeafPath, Any] = {}
+    for path, m in meta.items():
         if flat_shard[path] is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
-        return ocp.ArrayRestoreArgs(sharding=flat_shard[path], global_shape=meta[path].shape, dtype=dtype)
-
-    params = _checkpointer().restore(
-        epath.Path(ckpt_dir) / PARAMS,
-        args=ocp.args.PyTreeRestore(restore_args=_unflatten({p: restore_args(p) for p in meta})),
-    )
+            args: ocp.RestoreArgs = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+        else:
+            args = ocp.ArrayRestoreArgs(sharding=flat_shard[path], global_shape=m.shape, dtype=dtype)
+        flat[path] = _restore_leaf(ckpt, root, path, args)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=str(np.dtype(dtype)))
-    return params, cfg
+    return _unflatten(flat), cfg
 
 
 def iter_params(ckpt_dir: str, cfg: LlamaConfig | None = None) -> Iterator[tuple[LeafPath, np.ndarray]]:
@@ -238,14 +302,6 @@ def iter_params(ckpt_dir: str, cfg: LlamaConfig | None = None) -> Iterator[tuple
     that streams leaves out holds at most one stacked leaf in memory."""
     cfg = read_model_config(ckpt_dir) if cfg is None else cfg
     meta = stored_metadata(ckpt_dir, cfg)
-    ckpt = _checkpointer()
-    for path in expected_shapes(cfg):
-        restored = ckpt.restore(
-            epath.Path(ckpt_dir) / PARAMS,
-            args=ocp.args.PyTreeRestore(
-                item=_unflatten({path: meta[path]}),
-                restore_args=_unflatten({path: ocp.RestoreArgs(restore_type=np.ndarray)}),
-                partial_restore=True,
-            ),
-        )
-        yield path, _flatten(restored)[path]
+    root, ckpt = epath.Path(ckpt_dir), _checkpointer()
+    for path in meta:
+        yield path, _restore_leaf(ckpt, root, path, ocp.RestoreArgs(restore_type=np.ndarray))

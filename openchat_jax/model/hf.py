@@ -407,10 +407,12 @@ def import_hf(hf_dir: str, out_dir: str, *, add_eot: bool = False, overwrite: bo
             for f in Path(tmp).iterdir():
                 epath.Path(f).copy(out / checkpoint_io.TOKENIZER / f.name, overwrite=True)
 
+    out.mkdir(parents=True, exist_ok=True)
+    (out / checkpoint_io.HF_CONFIG).write_text(json.dumps(ckpt.hf_config, indent=2) + "\n")
     special = {k: ckpt.hf_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     special["eot_token_id"] = eot_id
-    checkpoint_io.save_params(str(out), ckpt.params(add_eot=add_eot), cfg, special_tokens=special, overwrite=overwrite)
-    (out / checkpoint_io.HF_CONFIG).write_text(json.dumps(ckpt.hf_config, indent=2) + "\n")
+    # Leaf by leaf: each stacked leaf is built, written and dropped before the next.
+    checkpoint_io.save_param_leaves(str(out), ckpt.leaves(add_eot=add_eot), cfg, special_tokens=special, overwrite=overwrite)
     return checkpoint_io.read_model_config(str(out))
 
 
