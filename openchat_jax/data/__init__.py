@@ -1,0 +1,13 @@
+"""Conversation data for C-RLFT: files -> classes/template -> weighted examples -> TFDS/ArrayRecord
+-> grain loader -> packed [B, L] batches.
+
+Modules (import what you need; nothing heavy is imported here):
+  tokenizer   load_tokenizer(path_or_hub_name) -> (tokenizer, eot_id)
+  template    ConvClass, Conversation, Message, Example, build_example, build_prompt,
+              render_chat_template, PLAIN_CONDITION   (the one template, training and inference)
+  config      data_defaults(), validate(config.data) -> DataSpec
+  readers     read_conversations(spec) (ShareGPT / OpenAI / OpenChat, JSON / JSONL)
+  prepare     prepare(config.data) -> report; load_dataset_info(dataset_dir)
+  packing     plan_epoch, first_fit_decreasing
+  loader      make_loader(dataset_dir, *, global_batch_size, seq_len, seed, ...) -> PackedLoader
+"""
