@@ -1,0 +1,84 @@
+"""The full run config: sections model, data, train, mesh, checkpoint, plus workdir/init_from/seed.
+
+Config files in configs/ start from `base_config(<model preset>)` and change fields; any field can
+be overridden on the command line (`--config.train.lr=1e-4`).
+
+The two ablation switches of the paper (Table 2):
+  train.weighted=False     every supervised token gets weight 1.0 (applied in the train step)
+  train.conditioned=False  every class uses the plain template. This is the same field as
+                           `data.conditioned` (one ml_collections reference; setting either sets
+                           both): templates are applied when the dataset is prepared, so `prepare`
+                           honours it and `train` refuses a dataset prepared the other way.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from openchat_jax.data.config import data_defaults
+from openchat_jax.errors import ConfigError
+from openchat_jax.model.config import PRESETS
+
+
+def train_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        # Rows of data.max_length tokens per optimizer step, over all processes and micro-batches.
+        "global_batch_size": 8,
+        # Gradient accumulation: the step's batch is split into this many micro-batches.
+        "micro_batches": 1,
+        "epochs": 5,
+        # > 0: run exactly this many steps (the schedule spans them; data repeats as needed).
+        # 0: epochs * batches per epoch of the prepared dataset.
+        "num_steps": 0,
+        # "auto" = 3e-4 * sqrt(tokens per step / 4e6), or a number (float or text); any type allowed.
+        "lr": ml_collections.FieldReference("auto", field_type=object),
+        "warmup_ratio": 0.05,
+        "end_lr_ratio": 0.1,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-5,
+        "weight_decay": 0.1,
+        "decay_norms": True,  # False: no weight decay on RMSNorm scales
+        "decay_embeddings": True,  # False: no weight decay on embed / lm_head
+        "grad_clip": 1.0,
+        "weighted": True,
+        # (set in base_config: a reference to data.conditioned)
+        "log_every": 1,
+        "progress": True,
+        # Peak FLOP/s per device for MFU; 0 = known accelerator table, or measured on CPU.
+        "peak_flops_per_device": 0.0,
+        # Stop the run after this many non-finite (skipped) steps in a row; 0 = never.
+        "max_nonfinite_in_a_row": 10,
+        "tensorboard": True,
+    })
+
+
+def checkpoint_defaults() -> ml_collections.ConfigDict:
+    # Consumed by the checkpoint/resume layer (openchat_jax/train/checkpointing.py).
+    return ml_collections.ConfigDict({
+        "dir": "",  # "" = WORKDIR/checkpoints
+        "save_every": 0,  # steps; 0 = no periodic checkpoints
+        "keep": 3,
+        "async_save": True,
+    })
+
+
+def mesh_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+
+def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
+    if model_preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {model_preset!r}; known: {sorted(PRESETS)}")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.workdir = ""
+    # A weights folder (save_params / `convert hf-to-jax` output) to start from; "" = random init.
+    config.init_from = ""
+    config.model = PRESETS[model_preset].to_config_dict()
+    config.data = data_defaults()
+    config.train = train_defaults()
+    config.train.conditioned = config.data.get_ref("conditioned")
+    config.mesh = mesh_defaults()
+    config.checkpoint = checkpoint_defaults()
+    return config

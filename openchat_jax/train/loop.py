@@ -1,0 +1,369 @@
+"""The train loop: config -> mesh, data, state -> steps -> logs -> final weights.
+
+    run = build_run(config)              # everything derived from the config, before any step
+    result = train(config)               # build_run + initial/restored state + loop + final save
+
+Seams for checkpoint/resume and preemption (see `Checkpointing`): `train(config, checkpointer=...,
+stop=...)` restores the newest checkpoint through `checkpointer.restore_latest(abstract_state)`
+(state + data iterator state) before the first step, saves when `checkpointer.due(step)` and at
+the end (and when stopped), and polls `bool(stop)` between steps (a SIGTERM flag).
+
+Like nanodo, the loop dispatches step n+1 before it fetches step n's metrics, so the host never
+stalls the device queue for logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from openchat_jax.errors import ConfigError, DataError, OpenChatError
+from openchat_jax.model.config import LlamaConfig
+from openchat_jax.train import flops as flops_lib
+from openchat_jax.train import mesh as mesh_lib
+from openchat_jax.train.loss import BATCH_KEYS
+from openchat_jax.train.metrics import MetricsWriter, ProgressBar, named_scalars
+from openchat_jax.train.optimizer import make_optimizer
+from openchat_jax.train.step import StepFn, TrainState, abstract_train_state, init_train_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+# Model fields that describe how to run, not the weights: a config may change them on top of init_from.
+RUNTIME_MODEL_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention", "init_std")
+
+
+class Restored(Protocol):
+    step: int
+    state: Any
+    data_state: dict[str, Any]
+
+
+class Checkpointing(Protocol):
+    """What the loop needs from a checkpointer (openchat_jax.train.checkpointing.Checkpointer)."""
+
+    def restore_latest(self, abstract_state: Any) -> Restored | None: ...
+    def due(self, step: int) -> bool: ...
+    def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class Run:
+    config: ml_collections.ConfigDict
+    model_cfg: LlamaConfig
+    mesh: Mesh
+    loader: Any  # openchat_jax.data.loader.PackedLoader (or any iterator of local batches)
+    dataset_info: dict[str, Any]
+    class_names: list[str]
+    seq_len: int
+    global_batch_size: int
+    total_steps: int
+    tx: Any
+    schedule: Any
+    peak_lr: float
+    step_fn: StepFn
+    flops_per_token: float
+    peak_flops: float | None  # all devices together; None = unknown (no MFU)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+    def abstract_state(self) -> TrainState:
+        return abstract_train_state(self.model_cfg, self.tx, self.mesh)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    steps_done: int  # global step reached
+    stopped: bool  # True when stopped by a signal before total_steps
+    history: list[dict[str, float]]  # the logged scalars, one dict per logged step
+    final_dir: str | None
+
+
+def _check_batch_config(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[int, int]:
+    B, M = config.train.global_batch_size, config.train.micro_batches
+    if not isinstance(B, int) or B < 1:
+        raise ConfigError(f"train.global_batch_size={B!r} must be a positive int")
+    if not isinstance(M, int) or M < 1 or B % M:
+        raise ConfigError(f"train.micro_batches={M!r} must be a positive int dividing train.global_batch_size={B}")
+    shards = mesh_lib.batch_axis_size(mesh)
+    if (B // M) % shards:
+        raise ConfigError(
+            f"a micro-batch of train.global_batch_size / train.micro_batches = {B // M} rows cannot be split "
+            f"over mesh data x fsdp = {shards} devices; make it a multiple of {shards}"
+        )
+    if B % jax.process_count():
+        raise ConfigError(f"train.global_batch_size={B} must be a multiple of the process count {jax.process_count()}")
+    return B, M
+
+
+def resolve_model_config(config: ml_collections.ConfigDict, dataset_info: Mapping[str, Any]) -> LlamaConfig:
+    """The model: from `init_from`'s model_config.json (runtime fields from the config), else from
+    `config.model`; `model.vocab_size <= 0` means the dataset's vocabulary size."""
+    model = config.model.to_dict()
+    if config.init_from:
+        from openchat_jax.model.checkpoint_io import read_model_config
+
+        stored = read_model_config(config.init_from)
+        cfg = stored.replace(**{k: model[k] for k in RUNTIME_MODEL_FIELDS if k in model}, param_dtype=model["param_dtype"])
+    else:
+        if model.get("vocab_size", 0) <= 0:
+            model["vocab_size"] = int(dataset_info["vocab_size"])
+        cfg = LlamaConfig.from_config_dict(model)
+    vocab = int(dataset_info.get("vocab_size", 0))
+    if cfg.vocab_size < vocab:
+        raise ConfigError(
+            f"model vocab_size {cfg.vocab_size} < the dataset's tokenizer vocabulary {vocab} "
+            f"({'init_from ' + config.init_from if config.init_from else 'model.vocab_size'}); "
+            "set model.vocab_size=0 to take it from the dataset"
+        )
+    return cfg
+
+
+def _peak_flops(config: ml_collections.ConfigDict, model_cfg: LlamaConfig, mesh: Mesh) -> float | None:
+    devices = list(mesh.devices.flat)
+    if config.train.peak_flops_per_device > 0:
+        return float(config.train.peak_flops_per_device) * len(devices)
+    known = flops_lib.peak_flops_from_device_kind(devices[0])
+    if known is not None:
+        return known * len(devices)
+    if devices[0].platform == "cpu":
+        # Host devices share the same cores: one measurement is the whole host's peak.
+        return flops_lib.measure_matmul_peak(model_cfg.dtype, n=1024, repeats=3, device=devices[0])
+    return None
+
+
+def build_run(
+    config: ml_collections.ConfigDict,
+    *,
+    loader: Any = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Run:
+    """Validate the config and build mesh, loader, model config, optimizer and the jitted step.
+    `loader`: anything with the PackedLoader interface (`info`, `batches_per_epoch`, iteration,
+    get_state/set_state); default: make_loader over `data.dataset_dir`."""
+    mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
+    B, M = _check_batch_config(config, mesh)
+    seq_len = int(config.data.max_length)
+    if config.train.epochs < 1 and config.train.num_steps <= 0:
+        raise ConfigError("train.epochs must be >= 1 (or set train.num_steps > 0)")
+    if loader is None:
+        if not config.data.dataset_dir:
+            raise ConfigError("data.dataset_dir is empty: run `openchat-jax prepare` and point it at the output")
+        from openchat_jax.data.loader import make_loader
+        from openchat_jax.data.prepare import load_dataset_info
+
+        info = load_dataset_info(config.data.dataset_dir)
+        _check_dataset_matches(config, info)
+        probe = make_loader(config.data.dataset_dir, global_batch_size=B, seq_len=seq_len, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=1)
+        bpe = probe.batches_per_epoch
+        epochs = config.train.epochs if config.train.num_steps <= 0 else math.ceil(config.train.num_steps / bpe)
+        loader = make_loader(config.data.dataset_dir, global_batch_size=B, seq_len=seq_len, seed=config.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=epochs)
+    info = dict(loader.info)
+    _check_dataset_matches(config, info)
+    total_steps = config.train.num_steps if config.train.num_steps > 0 else config.train.epochs * loader.batches_per_epoch
+    class_names = [c["name"] for c in info["classes"]]
+    model_cfg = resolve_model_config(config, info)
+    tx, schedule, peak_lr = make_optimizer(config.train, total_steps, B * seq_len)
+    step_fn = make_train_step(
+        model_cfg, tx, schedule, mesh, num_classes=len(class_names), micro_batches=M, weighted=config.train.weighted,
+    )
+    return Run(
+        config=config, model_cfg=model_cfg, mesh=mesh, loader=loader, dataset_info=info, class_names=class_names,
+        seq_len=seq_len, global_batch_size=B, total_steps=total_steps, tx=tx, schedule=schedule, peak_lr=peak_lr,
+        step_fn=step_fn, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
+        peak_flops=_peak_flops(config, model_cfg, mesh),
+    )
+
+
+def _check_dataset_matches(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> None:
+    prepared = info.get("conditioned")
+    if prepared is not None and bool(prepared) != bool(config.train.conditioned):
+        raise ConfigError(
+            f"train.conditioned={config.train.conditioned} but {config.data.dataset_dir or 'the dataset'} was "
+            f"prepared with data.conditioned={prepared}; prepare it again with "
+            f"--config.data.conditioned={config.train.conditioned} (templates are applied at prepare time)"
+        )
+    if not info.get("classes"):
+        raise DataError(f"{config.data.dataset_dir}: dataset_info.json lists no classes")
+
+
+def initial_state(run: Run) -> TrainState:
+    """Random init from `seed`, or the `init_from` weights restored straight into their shardings."""
+    config = run.config
+    if config.init_from:
+        from openchat_jax.model.checkpoint_io import load_params
+
+        shardings = mesh_lib.param_shardings(run.model_cfg, run.mesh)
+        params, _ = load_params(config.init_from, shardings, dtype=run.model_cfg.weight_dtype)
+        return init_train_state(run.model_cfg, run.tx, run.mesh, config.seed, params=params)
+    return init_train_state(run.model_cfg, run.tx, run.mesh, config.seed)
+
+
+class _Meter:
+    """Turns fetched step metrics into logged scalars: throughput, MFU, error checks."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.last_time: float | None = None
+
+    def __call__(self, step: int, raw: Mapping[str, np.ndarray], now: float, steps_since: int) -> dict[str, float]:
+        run = self.run
+        scalars = named_scalars(raw, run.class_names)
+        if scalars["weight_sum"] == 0.0:
+            raise DataError(
+                f"step {step}: the global batch has no supervised token (every weight is 0); "
+                "check the class weights and the dataset (see report.json)"
+            )
+        if scalars["nonfinite"]:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            log.warning("step %d: loss or gradient not finite (loss=%s); update skipped", step, scalars["loss"])
+            limit = run.config.train.max_nonfinite_in_a_row
+            if limit and self.nonfinite_in_a_row >= limit:
+                raise OpenChatError(
+                    f"step {step}: {self.nonfinite_in_a_row} non-finite steps in a row "
+                    f"(train.max_nonfinite_in_a_row={limit}); stopping"
+                )
+        else:
+            self.nonfinite_in_a_row = 0
+        scalars["nonfinite_total"] = float(self.nonfinite_total)
+        if self.last_time is not None and steps_since > 0:
+            seconds = (now - self.last_time) / steps_since
+            scalars["step_seconds"] = seconds
+            scalars["tokens_per_second"] = run.tokens_per_step / seconds
+            if run.peak_flops:
+                scalars["mfu"] = scalars["tokens_per_second"] * run.flops_per_token / run.peak_flops
+        self.last_time = now
+        return scalars
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    *,
+    run: Run | None = None,
+    checkpointer: Checkpointing | None = None,
+    stop: Any = None,
+    save_final: bool = True,
+) -> TrainResult:
+    run = build_run(config) if run is None else run
+    workdir = Path(config.workdir) if config.workdir else None
+    if workdir is None:
+        raise ConfigError("workdir is empty: give --config.workdir=DIR for logs and the final weights")
+    primary = jax.process_index() == 0
+
+    restored = checkpointer.restore_latest(run.abstract_state()) if checkpointer is not None else None
+    if restored is not None:
+        state = restored.state
+        run.loader.set_state(restored.data_state)
+        start = int(restored.step)
+        log.info("resumed from step %d", start)
+    else:
+        state = initial_state(run)
+        start = 0
+    if start >= run.total_steps:
+        log.info("nothing to do: step %d of %d", start, run.total_steps)
+
+    writer = MetricsWriter(workdir, enabled=primary, tensorboard=config.train.tensorboard)
+    bar = ProgressBar(run.total_steps, initial=start, enabled=primary and config.train.progress)
+    meter = _Meter(run)
+    history: list[dict[str, float]] = []
+    log_every = max(1, int(config.train.log_every))
+    batches: Iterator = iter(run.loader)
+    pending: tuple[int, Any] | None = None
+    last_fetched = start
+    stopped = False
+    step = start
+
+    def fetch(pending: tuple[int, Any]) -> None:
+        nonlocal last_fetched
+        n, metrics = pending
+        raw = jax.device_get(metrics)
+        now = time.perf_counter()
+        scalars = meter(n, raw, now, n - last_fetched)
+        bar.update(n - last_fetched, scalars)
+        last_fetched = n
+        if n % log_every == 0 or n == run.total_steps:
+            writer.write(n, scalars)
+            history.append({"step": n, **scalars})
+
+    try:
+        while step < run.total_steps:
+            if stop is not None and bool(stop):
+                stopped = True
+                log.warning("stop requested: leaving at step %d", step)
+                break
+            try:
+                local = next(batches)
+            except StopIteration:
+                raise DataError(f"the loader ran out of batches at step {step} of {run.total_steps}") from None
+            state, metrics = run.step_fn(state, mesh_lib.global_batch(local, run.mesh, BATCH_KEYS))
+            step += 1
+            if pending is not None:
+                fetch(pending)  # step n-1's metrics, while step n runs
+            pending = (step, metrics)
+            if step == start + 1:
+                # The first step includes compilation: fetch it now, so throughput is timed from here.
+                fetch(pending)
+                pending = None
+            if checkpointer is not None and checkpointer.due(step) and step < run.total_steps:
+                checkpointer.save(step, state, run.loader.get_state())
+        if pending is not None:
+            fetch(pending)
+            pending = None
+        if checkpointer is not None and step > start:
+            checkpointer.save(step, state, run.loader.get_state())
+    finally:
+        bar.close()
+        writer.close()
+        if checkpointer is not None:
+            checkpointer.close()
+
+    final_dir = None
+    if save_final and not stopped and step >= run.total_steps:
+        final_dir = str(workdir / FINAL_DIR)
+        save_final_weights(run, state, final_dir)
+    return TrainResult(state=state, steps_done=step, stopped=stopped, history=history, final_dir=final_dir)
+
+
+def save_final_weights(run: Run, state: TrainState, out_dir: str) -> None:
+    """The params in the weights-folder format (`convert jax-to-hf`, generation), with the special
+    token ids and the tokenizer (with <|end_of_turn|>) so the folder is self-contained."""
+    from openchat_jax.model.checkpoint_io import save_params
+
+    info = run.dataset_info
+    config = run.config
+    tokenizer = None
+    tokenizer_src = info.get("tokenizer") or config.data.tokenizer
+    if tokenizer_src:
+        from openchat_jax.data.tokenizer import load_tokenizer
+
+        tokenizer, _ = load_tokenizer(tokenizer_src)
+    special = {
+        "bos_token_id": info.get("bos_id"),
+        "eos_token_id": None if tokenizer is None else tokenizer.eos_token_id,
+        "pad_token_id": info.get("pad_id"),
+        "eot_token_id": info.get("eot_id"),
+    }
+    save_params(
+        out_dir, state["params"], run.model_cfg, special_tokens=special,
+        copy_assets_from=config.init_from or None, overwrite=True,
+    )
+    if jax.process_index() == 0 and tokenizer is not None and not (Path(out_dir) / "tokenizer").exists():
+        tokenizer.save_pretrained(str(Path(out_dir) / "tokenizer"))

@@ -1,0 +1,277 @@
+"""The train loop and `openchat-jax train`: end to end on a prepared dataset (fixture tokenizer),
+logs and final weights, the conditioned ablation on the batches the step sees, error paths
+(all-zero weights, non-finite steps) and the checkpoint/stop seams."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from openchat_jax.cli import main as cli_main
+from openchat_jax.data.loader import make_loader
+from openchat_jax.data.prepare import prepare
+from openchat_jax.data.tokenizer import load_tokenizer
+from openchat_jax.errors import ConfigError, DataError, OpenChatError
+from openchat_jax.model.checkpoint_io import load_params
+from openchat_jax.train.config import base_config
+from openchat_jax.train.loop import build_run, train
+from openchat_jax.train.metrics import read_metrics
+from openchat_jax.train.synthetic import packed_batch
+from tests.tokenizer_fixture import CORPUS, tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
+
+SEQ = 96
+
+
+def small_config(tok_dir: Path, files, dataset_dir: Path, workdir: Path, **train):
+    config = base_config("tiny")
+    config.model.update(vocab_size=0, embed=64, mlp=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    config.data.files = [str(f) for f in files]
+    config.data.tokenizer = str(tok_dir)
+    config.data.dataset_dir = str(dataset_dir)
+    config.data.max_length = SEQ
+    config.data.num_workers = 1
+    config.data.label_field = "model"
+    config.workdir = str(workdir)
+    config.train.update(global_batch_size=8, lr=3e-3, warmup_ratio=0.2, progress=False, **train)
+    return config
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory) -> Path:
+    """60 two-turn conversations from the fixture corpus, labelled GPT-4 or GPT-3.5 by a hash."""
+    path = tmp_path_factory.mktemp("conv") / "conv.jsonl"
+    rng = np.random.default_rng(0)
+    texts = [t for t in CORPUS if "GPT" not in t and ":" not in t]  # no template-like text in messages
+    lines = []
+    for i in range(60):
+        q, a = (texts[j] for j in rng.choice(len(texts), 2, replace=False))
+        label = "Model: GPT-4" if zlib.crc32(str(i).encode()) % 2 else "Model: GPT-3.5"
+        lines.append(json.dumps({"id": str(i), "model": label, "conversations": [
+            {"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_tokenizer_dir, conversations, tmp_path_factory):  # noqa: F811
+    out = {}
+    for conditioned in (True, False):
+        root = tmp_path_factory.mktemp(f"prepared_{conditioned}")
+        config = small_config(tiny_tokenizer_dir, [conversations], root / "dataset", root / "run")
+        config.train.conditioned = conditioned  # the same field as data.conditioned
+        assert config.data.conditioned is conditioned
+        report = prepare(config.data)
+        assert report["truncated_to_max_length"] == 0  # else the shorter plain prefix keeps more tokens
+        out[conditioned] = root / "dataset"
+    return out
+
+
+def test_cli_train_end_to_end(tiny_tokenizer_dir, conversations, prepared, tmp_path):  # noqa: F811
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from tests.test_train_loop import small_config\n"
+        "from pathlib import Path\n"
+        f"def get_config():\n    return small_config(Path({str(tiny_tokenizer_dir)!r}), [{str(conversations)!r}], "
+        f"Path({str(prepared[True])!r}), Path({str(tmp_path / 'run')!r}))\n"
+    )
+    rc = cli_main(["train", "--config", str(config_file), "--config.train.num_steps=6", "--config.mesh.fsdp=-1"])
+    assert rc == 0
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm", "accuracy", "class/gpt4/loss", "class/gpt3/loss", "class/gpt4/tokens",
+                "class/gpt3/accuracy", "nonfinite", "supervised_tokens"):
+        assert all(key in r for r in rows), key
+    assert all("tokens_per_second" in r and "mfu" in r for r in rows[1:])  # the first step holds the compile
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    peak = 3e-3
+    assert rows[0]["lr"] == pytest.approx(peak / 1, rel=1e-5)  # warmup = round(0.2 * 6) = 1 step
+    assert rows[-1]["lr"] == pytest.approx(0.1 * peak, rel=1e-5)
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    params, cfg = load_params(str(tmp_path / "run" / "final"))
+    assert cfg.vocab_size == len(load_tokenizer(tiny_tokenizer_dir)[0]) and cfg.num_layers == 2
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    special = json.loads((tmp_path / "run" / "final" / "special_tokens.json").read_text())
+    assert special["eot_token_id"] == load_tokenizer(tiny_tokenizer_dir)[1]
+    assert (tmp_path / "run" / "final" / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_cli_bad_override_is_one_line_error(tmp_path, capsys):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text("from openchat_jax.train.config import base_config\ndef get_config():\n    return base_config('tiny')\n")
+    assert cli_main(["train", "--config", str(config_file), "--config.train.no_such_field=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_field" in err[0]
+    assert cli_main(["train", "--config", str(config_file), "--config.workdir=" + str(tmp_path)]) == 2
+    assert "dataset_dir" in capsys.readouterr().err
+
+
+def _supervised_by_class(loader, steps: int) -> dict[int, list[tuple[int, float]]]:
+    out: dict[int, list[tuple[int, float]]] = {}
+    for _ in range(steps):
+        b = next(loader)
+        sel = b["weights"] > 0
+        for t, w, c in zip(b["targets"][sel], b["weights"][sel], b["class_ids"][sel]):
+            out.setdefault(int(c), []).append((int(t), round(float(w), 6)))
+    return {c: sorted(v) for c, v in out.items()}
+
+
+def test_conditioned_false_changes_only_the_template(tiny_tokenizer_dir, prepared):  # noqa: F811
+    """Acceptance 5 (conditioned): over one epoch of batches, the unconditioned dataset has no class
+    prefix token, while the supervised (target, weight) pairs of every class are identical."""
+    tok, _ = load_tokenizer(tiny_tokenizer_dir)
+    prefix_ids = {tok.convert_tokens_to_ids(t) for t in ("▁GPT4", "▁GPT3")}
+    assert tok.unk_token_id not in prefix_ids
+    loaders = {c: make_loader(d, global_batch_size=8, seq_len=SEQ, seed=0, num_epochs=1) for c, d in prepared.items()}
+    steps = loaders[True].batches_per_epoch
+    tokens = {c: np.concatenate([loaders[c].batch(k)["tokens"] for k in range(loaders[c].batches_per_epoch)]) for c in loaders}
+    assert prefix_ids <= set(np.unique(tokens[True]).tolist())
+    assert not prefix_ids & set(np.unique(tokens[False]).tolist())
+    sup = {c: _supervised_by_class(iter(loaders[c]), loaders[c].batches_per_epoch) for c in loaders}
+    assert steps >= 2 and set(sup[True]) == {0, 1}
+    assert sup[True] == sup[False]
+
+
+def test_train_refuses_dataset_prepared_the_other_way(tiny_tokenizer_dir, conversations, prepared, tmp_path):  # noqa: F811
+    config = small_config(tiny_tokenizer_dir, [conversations], prepared[True], tmp_path / "run")
+    config.train.conditioned = False
+    with pytest.raises(ConfigError, match="prepared with data.conditioned=True"):
+        build_run(config)
+
+
+# -- loop behaviour on synthetic batches (one compiled run shared) --------------------------------
+
+
+class FakeLoader:
+    """The PackedLoader interface over a list of batches."""
+
+    def __init__(self, batches, vocab_size: int = 128):
+        self.batches = batches
+        self.info = {"classes": [{"name": "gpt4", "weight": 1.0}, {"name": "gpt3", "weight": 0.1}],
+                     "vocab_size": vocab_size, "conditioned": True}
+        self.batches_per_epoch = len(batches)
+        self.k = 0
+        self.set_states: list[dict] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.k >= len(self.batches):
+            raise StopIteration
+        self.k += 1
+        return self.batches[self.k - 1]
+
+    def get_state(self):
+        return {"k": self.k}
+
+    def set_state(self, state):
+        self.set_states.append(state)
+        self.k = state["k"]
+
+
+def fake_batches(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [packed_batch(rng, 8, 32, 128) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    config = base_config("tiny")
+    config.model.update(vocab_size=0, embed=64, mlp=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    config.data.max_length = 32
+    config.workdir = str(tmp_path_factory.mktemp("fake_run"))
+    config.train.update(global_batch_size=8, num_steps=6, lr=1e-3, progress=False, max_nonfinite_in_a_row=3,
+                        tensorboard=False)
+    return build_run(config, loader=FakeLoader(fake_batches(6)))
+
+
+def with_batches(run, batches, **train):
+    config = run.config.copy_and_resolve_references()
+    config.train.update(train)
+    return dataclasses.replace(run, config=config, loader=FakeLoader(batches))
+
+
+def test_zero_weight_global_batch_is_an_error(fake_run):
+    batches = fake_batches(6)
+    batches[2] = dict(batches[2], weights=np.zeros_like(batches[2]["weights"]))
+    with pytest.raises(DataError, match="step 3: the global batch has no supervised token"):
+        train(fake_run.config, run=with_batches(fake_run, batches))
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(fake_run):
+    def poisoned(b):  # a target outside the vocabulary: its log-probability is nan
+        t = b["targets"].copy()
+        t[b["weights"] > 0] = 10_000
+        return dict(b, targets=t)
+
+    batches = fake_batches(6)
+    batches[1] = poisoned(batches[1])
+    result = train(fake_run.config, run=with_batches(fake_run, batches), save_final=False)
+    rows = result.history
+    assert [r["nonfinite"] for r in rows] == [0, 1, 0, 0, 0, 0]
+    assert rows[-1]["nonfinite_total"] == 1 and result.steps_done == 6
+    assert np.isfinite([r["loss"] for r in rows if not r["nonfinite"]]).all()
+
+    batches = fake_batches(6)
+    for i in (1, 2, 3):
+        batches[i] = poisoned(batches[i])
+    with pytest.raises(OpenChatError, match="step 4: 3 non-finite steps in a row"):
+        train(fake_run.config, run=with_batches(fake_run, batches))
+
+
+class FakeCheckpointer:
+    def __init__(self, every: int, restore=None):
+        self.every, self.restore, self.saved, self.closed = every, restore, [], False
+
+    def restore_latest(self, abstract_state):
+        assert jax.tree.structure(abstract_state) is not None
+        return self.restore
+
+    def due(self, step):
+        return step % self.every == 0
+
+    def save(self, step, state, data_state):
+        self.saved.append((step, jax.device_get(state), dict(data_state)))
+
+    def close(self):
+        self.closed = True
+
+
+class StopAfter:
+    def __init__(self, loader, after: int):
+        self.loader, self.after = loader, after
+
+    def __bool__(self):
+        return self.loader.k >= self.after
+
+
+def test_checkpoint_and_stop_seams_resume_where_they_left(fake_run):
+    batches = fake_batches(6, seed=1)
+    straight = train(fake_run.config, run=with_batches(fake_run, batches), save_final=False)
+
+    run = with_batches(fake_run, batches)
+    ckpt = FakeCheckpointer(every=2)
+    first = train(fake_run.config, run=run, checkpointer=ckpt, stop=StopAfter(run.loader, 3))
+    assert first.stopped and first.steps_done == 3 and first.final_dir is None and ckpt.closed
+    assert [(s, d) for s, _, d in ckpt.saved] == [(2, {"k": 2}), (3, {"k": 3})]
+
+    @dataclasses.dataclass
+    class Restored:
+        step: int
+        state: object
+        data_state: dict
+
+    step, state, data_state = ckpt.saved[-1]
+    run = with_batches(fake_run, batches)
+    second = train(fake_run.config, run=run, checkpointer=FakeCheckpointer(every=100, restore=Restored(step, state, data_state)))
+    assert run.loader.set_states == [{"k": 3}] and second.steps_done == 6
+    assert [r["step"] for r in second.history] == [4, 5, 6]
+    np.testing.assert_allclose([r["loss"] for r in second.history], [r["loss"] for r in straight.history[3:]], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(second.state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
