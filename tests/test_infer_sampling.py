@@ -114,3 +114,17 @@ def test_sampling_is_a_function_of_the_key(logits):
 def test_bad_sampling_config(kwargs):
     with pytest.raises(ConfigError):
         SamplingConfig(**kwargs)
+
+
+@pytest.mark.slow  # ~40 s on the shared 2-core machine (torch import, export, two compiles)
+def test_decode_benchmark_runs_and_agrees_with_transformers():
+    """Smoke test of `python -m openchat_jax.infer.bench` on a very small model."""
+    from openchat_jax.infer.bench import bench_decode
+    from tests.test_infer_fixtures import SMALL
+
+    lines: list[str] = []
+    rows = bench_decode(batch_sizes=(1, 2), prompt_len=8, new_tokens=4, repeats=1, cfg=SMALL, torch_threads=(1,),
+                        print_fn=lines.append)
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["same_tokens"] and r["jax_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0 for r in rows)
+    assert lines[1].startswith("| batch |") and len(lines) == 5
