@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -450,13 +450,12 @@ def export_hf(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     dtype: str | None = None,
     overwrite: bool = False,
-    transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
 ) -> list[Path]:
     """Weights folder -> HF LlamaForCausalLM folder (config.json, safetensors sharded above
     `max_shard_size` with model.safetensors.index.json, tokenizer files). `dtype` casts (e.g.
-    'bfloat16' for float32 training output); None keeps the stored dtype. `transform(hf_name, array)`
-    is a hook for callers that post-process tensors. Returns the files written. Holds one stacked
-    leaf plus one shard in memory."""
+    'bfloat16' for float32 training output); None keeps the stored dtype. Returns the files
+    written. Holds one stacked leaf plus one shard in memory. Chat template and
+    generation_config.json are openchat_jax.infer.export's (the CLI calls it afterwards)."""
     cfg = checkpoint_io.read_model_config(ckpt_dir)
     meta = checkpoint_io.stored_metadata(ckpt_dir, cfg)
     out = Path(out_dir)
@@ -484,16 +483,16 @@ def export_hf(
     wanted = {files[i]: len(shard) for i, shard in enumerate(shards)}
 
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:  # an overwrite must not mix old shards in
+        stale.unlink(missing_ok=True)
     written: list[Path] = []
     for path, leaf in checkpoint_io.iter_params(ckpt_dir, cfg):
         if cast is not None:
-            leaf = leaf.astype(cast)
+            leaf = leaf.astype(cast, copy=False)
         for name, p, layer in names:
             if p != path:
                 continue
             w = _to_hf(path[-1], leaf if layer is None else leaf[layer], cfg)
-            if transform is not None:
-                w = transform(name, w)
             file = file_of[name]
             pending[file][name] = w
             if len(pending[file]) == wanted[file]:
