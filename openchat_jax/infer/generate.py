@@ -130,10 +130,15 @@ def _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, 
 
 
 def shard_params(params: Params, cfg: LlamaConfig, mesh: Mesh, rules: Rules) -> Params:
-    """Place params as the train side does (a no-op for params already placed so)."""
+    """Place params as the train side does, unless they already live on `mesh` (e.g. restored
+    straight into the train shardings by `load_chat_model`)."""
     from openchat_jax.train.mesh import param_shardings
 
-    return jax.device_put(params, param_shardings(cfg, mesh, rules))
+    on_mesh = all(
+        isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        for x in jax.tree.leaves(params)
+    )
+    return params if on_mesh else jax.device_put(params, param_shardings(cfg, mesh, rules))
 
 
 def _batch_multiple(mesh: Mesh | None, rules: Rules | None) -> int:
