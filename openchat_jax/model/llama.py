@@ -179,7 +179,9 @@ def forward(
         kv_segment_ids_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, cache_index))
     q_offset = 0 if cache is None else cache_index
 
-    def layer(x_BxLxE: jax.Array, p: Params, kv: tuple[jax.Array, jax.Array] | None):
+    # With a cache, the whole [Ly, B, S, K, D] cache travels through the layers as a carry and each
+    # layer writes only its new slots (in place), instead of copying the cache every decode step.
+    def layer(x_BxLxE: jax.Array, p: Params, kv: tuple[jax.Array, jax.Array] | None, i: jax.Array | int):
         h = rms_norm(x_BxLxE, p["attn_norm"], cfg.rms_norm_eps)
         q_BxLxHxD = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, p["wq"].astype(dtype)), "query_proj")
         k_BxLxKxD = checkpoint_name(jnp.einsum("ble,ekd->blkd", h, p["wk"].astype(dtype)), "key_proj")
@@ -189,9 +191,12 @@ def forward(
         if kv is None:
             k_all, v_all, new_kv = k_BxLxKxD, v_BxLxKxD, None
         else:
-            k_all = jax.lax.dynamic_update_slice(kv[0], k_BxLxKxD.astype(kv[0].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(kv[1], v_BxLxKxD.astype(kv[1].dtype), (0, cache_index, 0, 0))
-            new_kv = (k_all, v_all)
+            at = (i, 0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(kv[0], k_BxLxKxD[None].astype(kv[0].dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(kv[1], v_BxLxKxD[None].astype(kv[1].dtype), at)
+            k_all = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)
+            v_all = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)
+            new_kv = (k_cache, v_cache)
         attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset)
         attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
         x_BxLxE = x_BxLxE + jnp.einsum("blhd,hde->ble", attn_BxLxHxD, p["wo"].astype(dtype))
@@ -207,21 +212,21 @@ def forward(
     kvs = None if cache is None else (cache["k"], cache["v"])
 
     if cfg.scan_layers:
-        def body(x, xs):
-            p, kv = xs
-            x, new_kv = layer(x, p, kv)
-            return x, (new_kv, x if return_hidden else None)
+        def body(carry, xs):
+            x, kv = carry
+            p, i = xs
+            x, new_kv = layer(x, p, kv, i)
+            return (x, new_kv), (x if return_hidden else None)
 
-        x_BxLxE, (new_kvs, hidden) = jax.lax.scan(body, x_BxLxE, (params["blocks"], kvs))
+        layer_ids = jnp.arange(cfg.num_layers)
+        (x_BxLxE, new_kvs), hidden = jax.lax.scan(body, (x_BxLxE, kvs), (params["blocks"], layer_ids))
     else:
-        outs, hiddens = [], []
+        hiddens = []
+        new_kvs = kvs
         for i in range(cfg.num_layers):
             p_i = jax.tree.map(lambda a: a[i], params["blocks"])
-            kv_i = None if kvs is None else (kvs[0][i], kvs[1][i])
-            x_BxLxE, new_kv = layer(x_BxLxE, p_i, kv_i)
-            outs.append(new_kv)
+            x_BxLxE, new_kvs = layer(x_BxLxE, p_i, new_kvs, i)
             hiddens.append(x_BxLxE)
-        new_kvs = None if kvs is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
         hidden = jnp.stack(hiddens) if return_hidden else None
 
     x_BxLxE = rms_norm(x_BxLxE, params["final_norm"], cfg.rms_norm_eps)
