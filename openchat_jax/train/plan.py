@@ -23,10 +23,12 @@ Where each number comes from:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -252,6 +254,34 @@ def xla_flops_per_step(
     return counts[0] + (model_cfg.num_layers - 1) * per_layer
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def _collect_sharding_warnings() -> Iterator[list[str]]:
+    """The mesh module warns each time it replicates a dimension that a mesh axis does not
+    divide (once per shardings call, so several times per plan): gather them, once each, into
+    the plan's notes instead."""
+    logger = logging.getLogger(mesh_lib.__name__)
+    handler = _Collect()
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def plan_step(
     config: ml_collections.ConfigDict,
     *,
@@ -266,6 +296,20 @@ def plan_step(
 
     Uses the first prod(mesh) of `devices` (default jax.devices()); on a CPU host, fake them with
     XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported (the CLI does)."""
+    with _collect_sharding_warnings() as warnings:
+        plan = _plan_step(config, mesh_axes, chip, mfu, devices, compile, count_xla_flops)
+    return dataclasses.replace(plan, notes=plan.notes + tuple(f"sharding: {w}" for w in warnings))
+
+
+def _plan_step(
+    config: ml_collections.ConfigDict,
+    mesh_axes: Mapping[str, int] | None,
+    chip: str,
+    mfu: float,
+    devices: Sequence[jax.Device] | None,
+    compile: bool,
+    count_xla_flops: bool,
+) -> Plan:
     if chip not in CHIPS:
         raise ConfigError(f"--chip {chip!r}: choose one of {sorted(CHIPS)}")
     if not 0 < mfu <= 1:
