@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from openchat_jax.train.distributed import initialize
 
     initialize(args.coordinator_address, args.num_processes, args.process_id)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("openchat_jax").setLevel(logging.INFO)
 
     from openchat_jax.train.loop import train
 

@@ -117,6 +117,14 @@ def batch_loss(params: Any, model_cfg: LlamaConfig, batch: Batch, num_classes: i
     return sums["wce"] / sums["weight"], sums
 
 
+def _gather_embedding(params: Any) -> Any:
+    """All-gather the embedding table's `embed` axis (as FSDP does for every weight before its
+    matmul) before the token lookup. Left sharded, the lookup's output is split along `embed` and
+    must be moved to the batch sharding, which the partitioner can only do by replicating the
+    whole [B, L, E] activation ("involuntary full rematerialization")."""
+    return dict(params, embed=constrain(params["embed"], ("vocab", None)))
+
+
 def _where_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
@@ -140,7 +148,7 @@ def train_step(
     denominator = batch["weights"].sum()  # the whole step's sum(w), before any micro-batching
 
     def micro_loss(p: Any, mb: Batch) -> tuple[jax.Array, dict]:
-        logits = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"])
+        logits = forward(_gather_embedding(p), model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"])
         sums = loss_sums(logits, mb["targets"], mb["weights"], mb["class_ids"], num_classes)
         return sums["wce"] / denominator, sums
 

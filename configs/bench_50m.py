@@ -1,0 +1,25 @@
+"""~52M-parameter Llama (6 layers, 512 wide, 32000-token vocabulary) at L=512 for
+`openchat-jax bench train-step` on CPU (results in docs/benchmarks.md, section "Train step").
+
+    openchat-jax bench train-step --config configs/bench_50m.py
+"""
+
+import ml_collections
+
+from openchat_jax.train.config import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base_config("tiny")
+    config.model.update(
+        vocab_size=32000, embed=512, mlp=1408, num_layers=6, num_heads=8, num_kv_heads=8, head_dim=64,
+        max_position_embeddings=2048,
+        dtype="float32",  # this CPU has no bf16 matmul units (no AVX512-BF16/AMX): f32 is its fast path
+        remat_policy="none",  # memory is plentiful on the host: no recomputation
+        scan_layers=True,
+    )
+    config.data.max_length = 512
+    config.train.global_batch_size = 8
+    config.train.micro_batches = 1
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    return config

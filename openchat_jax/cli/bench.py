@@ -1,0 +1,55 @@
+"""`openchat-jax bench <what>`: benchmarks that print figures.
+
+    openchat-jax bench train-step --config configs/bench_50m.py [--config.key=value ...]
+        matmul peak, then our train step vs transformers + torch.optim.AdamW on this CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from openchat_jax.config import load_config, split_config_args
+
+
+class _ConfigOverridesParser(argparse.ArgumentParser):
+    """Takes the open-ended `--config.key=value` items out before argparse sees them."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
+        namespace, extras = super().parse_known_args(rest, namespace)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
+        return namespace, extras
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (train-step)")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    step = sub.add_parser(
+        "train-step", help="train step time, tokens/s and MFU vs a measured matmul peak and vs PyTorch",
+        description="Times the jitted train step of the config's model on a synthetic batch "
+                    "(train.global_batch_size x data.max_length) and, in the same run, the same step in "
+                    "transformers + torch.optim.AdamW.",
+    )
+    step.__class__ = _ConfigOverridesParser
+    step.add_argument("--config", required=True, help="config file (e.g. configs/bench_50m.py)")
+    step.add_argument("--rounds", type=int, default=3, help="alternating JAX/torch rounds (default 3)")
+    step.add_argument("--steps-per-round", type=int, default=3)
+    step.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    step.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n peak matmul")
+    step.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    step.set_defaults(func=run_train_step, overrides=[])
+
+
+def run_train_step(args: argparse.Namespace) -> int:
+    from openchat_jax.train.bench import bench_train_step
+
+    config = load_config(args.config, args.overrides)
+    result = bench_train_step(
+        config, rounds=args.rounds, steps_per_round=args.steps_per_round, torch_compare=not args.no_torch,
+        matmul_size=args.matmul_size,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
