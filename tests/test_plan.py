@@ -277,3 +277,21 @@ def test_llama2_13b_step_compiles_in_under_3_minutes(tmp_path):
     expected = num_params(base_config("llama2_13b")) + 2 * 5120  # + one <|end_of_turn|> row in embed and lm_head
     assert plan["params_bytes"] == pytest.approx(expected * 4 / 32, rel=1e-12)
     assert plan["xla_temp_bytes"] > 0
+
+
+def test_cli_mesh_from_config_and_vocab_from_dataset(tmp_path):
+    """No --mesh: the config's mesh (no -1) sets the device count, after the config file has
+    already imported jax (the backend is not started yet, so the flag still applies)."""
+    cfg = tmp_path / "small.py"
+    cfg.write_text(SMALL_CONFIG)
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [*CLI, "plan", "--config", str(cfg), "--config.mesh.fsdp=4", "--config.mesh.data=4",
+         "--config.model.vocab_size=0", "--no-compile", "--no-xla-flops", "--json", str(out)],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(out.read_text())
+    assert plan["num_devices"] == 16 and plan["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1}
+    assert plan["model"]["vocab_size"] == plan_lib.DEFAULT_VOCAB_SIZE
+    assert any("model.vocab_size <= 0" in n for n in plan["notes"])
