@@ -82,7 +82,13 @@ class PackedLoader:
         dataset = grain.MapDataset.range(self.num_batches if self.num_batches is not None else sys.maxsize)
         self._dataset = dataset.map(self.batch)
         self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-        self._iter = iter(self._dataset.to_iter_dataset(self._read_options))
+        self._it = None  # created on first use: a loader built only for batches_per_epoch reads nothing
+
+    @property
+    def _iter(self):
+        if self._it is None:
+            self._it = iter(self._dataset.to_iter_dataset(self._read_options))
+        return self._it
 
     # -- plans -------------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
@@ -182,8 +188,8 @@ class PackedLoader:
         if mismatched:
             raise ConfigError("loader state does not match this loader (saved, current): "
                               + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in mismatched.items()))
-        self._iter = iter(self._dataset.to_iter_dataset(self._read_options))
-        self._iter.set_state(state["iterator"])
+        self._it = iter(self._dataset.to_iter_dataset(self._read_options))
+        self._it.set_state(state["iterator"])
 
     @property
     def next_batch_index(self) -> int:
