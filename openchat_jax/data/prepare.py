@@ -68,14 +68,22 @@ def _tokenized(spec: DataSpec, tokenizer, eot_id: int, convs: list[Conversation]
         return
     # fork shares the loaded tokenizer; after JAX is imported (threads) fork is unsafe: spawn.
     method = "spawn" if "jax" in sys.modules else "fork"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     if method == "fork":
         _worker["builder"] = builder
         init_args = (None, spec.classes, spec.max_length)
     else:
         init_args = (spec.tokenizer, spec.classes, spec.max_length)
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process (inherited at start)
+    try:
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
         for result in pool.imap(_tokenize_chunk, _chunks(pairs, CHUNK)):
             yield from result
 
