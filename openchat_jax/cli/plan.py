@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mesh:
         command += ["--mesh", args.mesh]
     command += ["--chip", args.chip, "--mfu", f"{args.mfu:g}", *args.overrides]
+    command += [flag for flag, on in (("--no-compile", args.no_compile), ("--no-xla-flops", args.no_xla_flops)) if on]
     print("`" + " ".join(command) + "`\n")
     print(format_plan(plan))
     return 0

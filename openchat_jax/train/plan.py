@@ -74,7 +74,7 @@ CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 275e12, 32 * GiB, 1.0, "v4-N slices have N/2 chips (N counts TensorCores)"),
     "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 1.0, "v5litepod-N slices have N chips"),
     "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 1.0, "v5p-N slices have N/2 chips (N counts TensorCores)"),
-    "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * GiB, 0.9, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 (launch scripts)"),
+    "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * GiB, 0.9, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 in the launch scripts"),
 }
 
 
@@ -114,6 +114,7 @@ class Plan:
 
     @property
     def rows_per_device_per_micro_batch(self) -> int:
+        """Rows per data x fsdp shard (devices along `tensor` share their rows)."""
         return self.global_batch_size // self.micro_batches // (self.mesh["data"] * self.mesh["fsdp"])
 
     @property
@@ -407,7 +408,8 @@ def format_plan(plan: Plan) -> str:
         f"(mesh {mesh})",
         "",
         f"- batch: {plan.global_batch_size} rows x {plan.seq_len} = {plan.tokens_per_step:,} tokens per step; "
-        f"micro_batches {plan.micro_batches} ({rows_mb} rows each, {plan.rows_per_device_per_micro_batch} per device)",
+        f"micro_batches {plan.micro_batches} ({rows_mb} rows each, {plan.rows_per_device_per_micro_batch} per "
+        + ("device)" if plan.mesh["tensor"] == 1 else f"data x fsdp shard of {plan.mesh['tensor']} tensor-parallel devices)"),
         f"- remat_policy {m['remat_policy']}, scan_layers {m['scan_layers']}, attention {m['attention']}, "
         f"compute {m['dtype']}, params {m['param_dtype']}",
         "",
