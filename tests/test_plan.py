@@ -197,6 +197,18 @@ def test_bad_inputs_are_config_errors():
             parse_mesh(text)
 
 
+def test_accelerator_attention_and_dataset_vocab_are_substituted_with_notes():
+    c = small_config()
+    c.model.attention = "splash"
+    c.model.vocab_size = 0
+    c.init_from = "/somewhere/weights"
+    cfg, notes = plan_lib.model_config_for_plan(c)
+    assert cfg.attention == "xla" and cfg.vocab_size == plan_lib.DEFAULT_VOCAB_SIZE == 32001
+    assert len(notes) == 3
+    assert "model.attention='splash'" in notes[1] and "init_from='/somewhere/weights'" in notes[2]
+    assert c.model.attention == "splash"  # the config itself is untouched
+
+
 def test_parse_mesh_and_device_flags():
     assert parse_mesh("fsdp=16,tensor=2") == {"data": 1, "fsdp": 16, "tensor": 2}
     assert parse_mesh("data=2 fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}

@@ -210,8 +210,8 @@ def model_config_for_plan(config: ml_collections.ConfigDict) -> tuple[LlamaConfi
     if model.get("attention", "xla") != "xla":
         notes.append(
             f"model.attention={model['attention']!r} is an accelerator kernel that XLA:CPU cannot compile: "
-            "planned with 'xla', which materialises the [heads, L, L] scores of a layer, so temporaries "
-            "over-estimate what the kernel needs"
+            "planned with 'xla', which materialises the [heads, L, L] scores of a layer: the temporaries "
+            "include buffers the kernel does not need"
         )
         model["attention"] = "xla"
     if config.get("init_from"):
