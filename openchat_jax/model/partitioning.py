@@ -17,9 +17,13 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("openchat_rules", default=None)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None, shape: Sequence[int] | None = None
+) -> PartitionSpec:
     """Map logical axes to a PartitionSpec. A mesh axis is used at most once per array (the first
-    logical axis that claims it wins) and mesh axes of size 1 are dropped."""
+    logical axis that claims it wins), mesh axes of size 1 are dropped, and with `shape` a mesh
+    axis that does not divide its dimension is dropped too (that dimension is replicated instead
+    of forcing XLA into a full rematerialisation)."""
     table: dict[str, tuple[str, ...]] = {}
     for logical, physical in rules:
         if logical in table:
@@ -32,13 +36,26 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules, mesh: Mesh | None 
             table[logical] = tuple(physical)
     used: set[str] = set()
     spec = []
-    for axis in axes:
+    for dim, axis in enumerate(axes):
         physical = tuple(
             p for p in table.get(axis, ()) if p not in used and (mesh is None or mesh.shape.get(p, 1) > 1)
         ) if axis is not None else ()
+        if shape is not None and mesh is not None:
+            kept: list[str] = []
+            for p in physical:
+                if shape[dim] % (mesh.shape[p] * _product(mesh, kept)) == 0:
+                    kept.append(p)
+            physical = tuple(kept)
         used.update(physical)
         spec.append(None if not physical else physical[0] if len(physical) == 1 else physical)
     return PartitionSpec(*spec)
+
+
+def _product(mesh: Mesh, names: Sequence[str]) -> int:
+    out = 1
+    for n in names:
+        out *= mesh.shape[n]
+    return out
 
 
 @contextlib.contextmanager
@@ -56,4 +73,4 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
