@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,7 @@ def test_auto_lr_and_paper_config():
             peak_learning_rate(bad, 200_000)
     from openchat_jax.config import load_config
 
-    paper = load_config("configs/llama2_13b_openchat.py")
+    paper = load_config(Path(__file__).resolve().parents[1] / "configs" / "llama2_13b_openchat.py")
     tokens = paper.train.global_batch_size * paper.data.max_length
     assert paper.data.max_length == 4096 and 190_000 <= tokens <= 210_000
     assert paper.train.lr == "auto" and paper.train.epochs == 5

@@ -167,12 +167,10 @@ def build_run(
 
         info = load_dataset_info(config.data.dataset_dir)
         _check_dataset_matches(config, info)
-        probe = make_loader(config.data.dataset_dir, global_batch_size=B, seq_len=seq_len, seed=config.seed,
-                            process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=1)
-        bpe = probe.batches_per_epoch
-        epochs = config.train.epochs if config.train.num_steps <= 0 else math.ceil(config.train.num_steps / bpe)
+        # Endless: the loop stops at total_steps; batch k is batch k % batches_per_epoch of epoch
+        # k // batches_per_epoch either way.
         loader = make_loader(config.data.dataset_dir, global_batch_size=B, seq_len=seq_len, seed=config.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=epochs)
+                             process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=None)
     info = dict(loader.info)
     _check_dataset_matches(config, info)
     total_steps = config.train.num_steps if config.train.num_steps > 0 else config.train.epochs * loader.batches_per_epoch

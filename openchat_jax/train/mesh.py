@@ -78,25 +78,13 @@ def batch_axis_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_MESH_AXES)
 
 
-def _divisible_spec(shape: Sequence[int], spec: P, mesh: Mesh) -> tuple[P, list[str]]:
-    dropped = []
-    parts = []
-    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        kept: list[str] = []
-        for axis in axes:
-            if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
-                kept.append(axis)
-            else:
-                dropped.append(f"{axis} on a dimension of {dim}")
-        parts.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return P(*parts), dropped
-
-
 def sharding_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
-    spec, dropped = _divisible_spec(shape, logical_to_spec(logical_axes, rules, mesh), mesh)
-    if dropped:
-        log.warning("replicating %s: not divisible (shape %s, logical axes %s)", ", ".join(dropped), tuple(shape), tuple(logical_axes))
+    """A mesh axis that does not divide its dimension is dropped (that dimension is replicated
+    over it); logged once per array."""
+    spec = logical_to_spec(logical_axes, rules, mesh, shape)
+    if spec != logical_to_spec(logical_axes, rules, mesh):
+        log.warning("shape %s (logical axes %s): a mesh axis does not divide its dimension, sharded as %s",
+                    tuple(shape), tuple(logical_axes), spec)
     return NamedSharding(mesh, spec)
 
 
