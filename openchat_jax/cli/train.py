@@ -1,5 +1,7 @@
 """`openchat-jax train --config CFG [--config.key=value ...]`: train on a prepared dataset; logs
-(metrics.jsonl, tb/) and the final weights (final/) go to config.workdir.
+(metrics.jsonl, tb/), checkpoints (checkpoints/, config.checkpoint) and the final weights (final/) go
+to config.workdir. A run resumes by itself from the newest checkpoint that restores; SIGTERM saves a
+checkpoint and exits 0.
 
 Multi-process runs: `--coordinator-address HOST:PORT --num-processes N --process-id I` (or nothing
 on TPU pod slices / SLURM, where JAX finds the cluster itself)."""
@@ -38,16 +40,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openchat_jax.train.distributed import initialize
+    from openchat_jax.train.distributed import StopSignal, initialize
 
-    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    # Before anything touches the devices.
+    multi = initialize(args.coordinator_address, args.num_processes, args.process_id)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("openchat_jax").setLevel(logging.INFO)
 
-    from openchat_jax.train.loop import train
+    from openchat_jax.train.loop import make_checkpointer, train
 
     config = load_config(args.config, args.overrides)
-    result = train(config)
+    # Single process: SIGTERM/SIGINT set a flag the loop polls (save, exit 0). Multi-process: JAX's
+    # preemption service owns SIGTERM and the loop asks checkpointer.reached_preemption(step), so
+    # every process stops at the same step (a local flag would leave the others in a collective).
+    stop = None if multi else StopSignal()
+    try:
+        result = train(config, checkpointer=make_checkpointer(config), stop=stop)
+    finally:
+        if stop is not None:
+            stop.close()
     if result.final_dir:
         print(f"trained {result.steps_done} steps; final weights in {result.final_dir}")
     else:

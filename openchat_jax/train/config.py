@@ -54,10 +54,11 @@ def train_defaults() -> ml_collections.ConfigDict:
 
 
 def checkpoint_defaults() -> ml_collections.ConfigDict:
-    # Consumed by the checkpoint/resume layer (openchat_jax/train/checkpointing.py).
+    # `train` builds a Checkpointer from this (loop.make_checkpointer) and resumes from the newest
+    # checkpoint that restores; a damaged one is reported and the one before it is used.
     return ml_collections.ConfigDict({
         "dir": "",  # "" = WORKDIR/checkpoints
-        "save_every": 0,  # steps; 0 = no periodic checkpoints
+        "save_every": 500,  # steps; 0 = only at the end of the run and when stopped (SIGTERM)
         "keep": 3,
         "async_save": True,
     })

@@ -49,12 +49,35 @@ class Restored(Protocol):
 
 
 class Checkpointing(Protocol):
-    """What the loop needs from a checkpointer (openchat_jax.train.checkpointing.Checkpointer)."""
+    """What the loop needs from a checkpointer (openchat_jax.train.checkpointing.Checkpointer).
+    An optional `reached_preemption(step) -> bool` is polled every step too: True on every
+    process at the same step once any process got a preemption notice (multi-host SIGTERM)."""
 
     def restore_latest(self, abstract_state: Any) -> Restored | None: ...
     def due(self, step: int) -> bool: ...
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
+
+
+def make_checkpointer(config: ml_collections.ConfigDict) -> Any:
+    """The run's Checkpointer from `config.checkpoint` (dir "" = WORKDIR/checkpoints;
+    save_every 0 = save only at the end of the run and when stopped)."""
+    from openchat_jax.train.checkpointing import Checkpointer
+
+    ckpt = config.checkpoint
+    directory = ckpt.dir or (str(Path(config.workdir) / "checkpoints") if config.workdir else "")
+    if not directory:
+        raise ConfigError("checkpoint.dir and workdir are both empty: give --config.workdir=DIR")
+    if not isinstance(ckpt.save_every, int) or ckpt.save_every < 0:
+        raise ConfigError(f"checkpoint.save_every={ckpt.save_every!r} must be an int >= 0 (0 = only at the end)")
+    save_every = ckpt.save_every or 2**62  # never due; the end-of-run / stop save still happens
+    return Checkpointer(str(Path(directory).absolute()), save_every=save_every, keep=ckpt.keep,
+                        async_save=ckpt.async_save)
+
+
+def _preempted(checkpointer: Any, step: int) -> bool:
+    reached = getattr(checkpointer, "reached_preemption", None)
+    return bool(reached is not None and reached(step))
 
 
 @dataclasses.dataclass
@@ -303,9 +326,9 @@ def train(
 
     try:
         while step < run.total_steps:
-            if stop is not None and bool(stop):
+            if (stop is not None and bool(stop)) or _preempted(checkpointer, step):
                 stopped = True
-                log.warning("stop requested: leaving at step %d", step)
+                log.warning("stop requested: saving and leaving at step %d", step)
                 break
             try:
                 local = next(batches)
