@@ -26,17 +26,18 @@ def _operands(question: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def _sum_digits(x: str, y: str, carry: bool) -> str:
-    """Schoolbook addition on digit strings, right to left; carry=False drops every carry."""
+def _sum_digits(x: str, y: str, final_carry: bool) -> str:
+    """Schoolbook addition on digit strings, right to left; final_carry=False leaves out the carry
+    out of the leftmost column (the column digits only)."""
     x, y = x.rjust(len(y), "0"), y.rjust(len(x), "0")
     out, c = [], 0
     for dx, dy in zip(reversed(x), reversed(y)):
         s = int(dx) + int(dy) + c
         out.append(str(s % 10))
-        c = s // 10 if carry else 0
-    if c:
+        c = s // 10
+    if c and final_carry:
         out.append(str(c))
-    return "".join(reversed(out)).lstrip("0") or "0"
+    return "".join(reversed(out))
 
 
 def _binomial_ok(k: int, n: int, p: float, sigmas: float = 4.5) -> bool:
@@ -45,6 +46,7 @@ def _binomial_ok(k: int, n: int, p: float, sigmas: float = 4.5) -> bool:
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
     spec = TaskSpec(num_train=300, num_test=40, seed=3)
+    assert spec.digits == 2
     a = tasks.generate(spec, tmp_path / "a")
     b = tasks.generate(spec, tmp_path / "b")
     c = tasks.generate(TaskSpec(num_train=300, num_test=40, seed=4), tmp_path / "c")
@@ -69,38 +71,39 @@ def test_sources_answers_and_error_rates_match_the_spec(tmp_path):
         user, asst = r["messages"]
         assert (user["role"], asst["role"]) == ("user", "assistant")
         x, y = _operands(user["content"])
-        assert len(x) == len(y) == 3 and x[0] != "0" and y[0] != "0"
+        assert len(x) == len(y) == 2 and x[0] != "0" and y[0] != "0"
         phrasings.add(QUESTION_RE.sub("#", user["content"]))
-        right, slipped = _sum_digits(x, y, carry=True), _sum_digits(x, y, carry=False)
+        right, slipped = _sum_digits(x, y, final_carry=True), _sum_digits(x, y, final_carry=False)
         assert right == str(int(x) + int(y))
         if r["source"] == "expert":
             assert asst["content"] == right, r
-        elif right == slipped:  # no carry needed: the careless source is right too
+        elif right == slipped:  # no final carry: the careless source is right too
             assert asst["content"] == right, r
         else:
             sub_carry += 1
             assert asst["content"] in (right, slipped), r  # wrong only in the one systematic way
             sub_carry_wrong += asst["content"] == slipped
+    assert sub_carry > 2000  # about 60% of 2-digit sums reach 100
     assert _binomial_ok(sub_carry_wrong, sub_carry, 0.7)
     assert len(phrasings) == len(tasks.QUESTIONS)
     counts = data.counts
     assert counts["expert"]["conversations"] == n_expert and counts["expert"]["wrong"] == 0
     assert counts["suboptimal"]["wrong"] == sub_carry_wrong
-    assert counts["suboptimal"]["need_carry"] == sub_carry
+    assert counts["suboptimal"]["final_carry"] == sub_carry
 
 
 @pytest.mark.parametrize("slip_rate", [0.0, 1.0])
 def test_slip_rate_extremes(tmp_path, slip_rate):
     data = tasks.generate(TaskSpec(num_train=500, num_test=10, slip_rate=slip_rate, seed=1), tmp_path)
     c = data.counts["suboptimal"]
-    assert c["need_carry"] > 0
-    assert c["wrong"] == (0 if slip_rate == 0.0 else c["need_carry"])
+    assert c["final_carry"] > 0
+    assert c["wrong"] == (0 if slip_rate == 0.0 else c["final_carry"])
 
 
 def test_test_split_is_held_out_and_readable(tmp_path):
     from openchat_jax.infer.prompts import read_prompts
 
-    data = tasks.generate(TaskSpec(num_train=2000, num_test=300, digits=2, seed=5), tmp_path)
+    data = tasks.generate(TaskSpec(num_train=2000, num_test=300, seed=5), tmp_path)
     train_pairs = {frozenset(map(int, _operands(r["messages"][0]["content"]))) for r in _read(data.train)}
     prompts = read_prompts(data.test_prompts)  # the generate command's own reader
     refs = tasks.read_references(data.test_references)
@@ -108,10 +111,11 @@ def test_test_split_is_held_out_and_readable(tmp_path):
     test_pairs = set()
     for p in prompts:
         x, y = _operands(p.turns[0])
+        assert len(x) == len(y) == 2
         assert frozenset((int(x), int(y))) not in train_pairs
         test_pairs.add(frozenset((int(x), int(y))))
         assert refs[p.id]["reference"] == str(int(x) + int(y))
-        assert refs[p.id]["needs_carry"] == (_sum_digits(x, y, True) != _sum_digits(x, y, False))
+        assert refs[p.id]["final_carry"] == (_sum_digits(x, y, True) != _sum_digits(x, y, False))
     assert len(test_pairs) == 300  # no repeated question either
 
 
@@ -145,36 +149,37 @@ def test_score_hand_case():
 def test_score_files(tmp_path):
     refs = tmp_path / "refs.jsonl"
     refs.write_text(
-        '{"id": "t0", "reference": "632", "needs_carry": true}\n'
-        '{"id": "t1", "reference": "579", "needs_carry": false}\n'
-        '{"id": "t2", "reference": "1000", "needs_carry": true}\n'
+        '{"id": "t0", "reference": "132", "final_carry": true}\n'
+        '{"id": "t1", "reference": "79", "final_carry": false}\n'
+        '{"id": "t2", "reference": "105", "final_carry": true}\n'
     )
     out = tmp_path / "answers.jsonl"
     out.write_text(
-        '{"id": "t2", "answers": ["1000 "]}\n{"id": "t0", "answers": ["522"]}\n{"id": "t1", "answers": ["579"]}\n'
+        '{"id": "t2", "answers": ["105 "]}\n{"id": "t0", "answers": ["32"]}\n{"id": "t1", "answers": ["79"]}\n'
     )
     got = tasks.score_files(out, refs)
-    assert got == {"exact_match": pytest.approx(2 / 3), "exact_match_carry": 0.5, "exact_match_no_carry": 1.0}
-    out.write_text('{"id": "t0", "answers": ["632"]}\n')
+    assert got == {"exact_match": pytest.approx(2 / 3), "exact_match_final_carry": 0.5,
+                   "exact_match_no_final_carry": 1.0}
+    out.write_text('{"id": "t0", "answers": ["132"]}\n')
     with pytest.raises(DataError, match="no answer for 2 test question"):
         tasks.score_files(out, refs)
-    out.write_text('{"id": "t0", "answers": ["632"]}\nnot json\n')
+    out.write_text('{"id": "t0", "answers": ["132"]}\nnot json\n')
     with pytest.raises(DataError, match="answers.jsonl:2: malformed JSON"):
         tasks.score_files(out, refs)
 
 
-def test_add_without_carry_hand_cases():
-    assert tasks.add_without_carry(347, 285) == 522
-    assert tasks.add_without_carry(985, 247) == 122
-    assert tasks.add_without_carry(123, 456) == 579
-    assert not tasks.needs_carry(123, 456) and tasks.needs_carry(109, 1)
+def test_final_carry_hand_cases():
+    assert tasks.drop_final_carry(78, 89, 2) == "67"
+    assert tasks.drop_final_carry(47, 58, 2) == "05"
+    assert tasks.drop_final_carry(347, 785, 3) == "132"
+    assert tasks.has_final_carry(50, 50, 2) and not tasks.has_final_carry(50, 49, 2)
 
 
 def test_bad_spec_is_a_config_error():
     with pytest.raises(ConfigError, match="slip_rate"):
         TaskSpec(slip_rate=1.5)
     with pytest.raises(ConfigError, match="more digits"):
-        TaskSpec(num_train=5000, digits=2)
+        TaskSpec(num_train=20000, digits=2)
 
 
 def test_demo_tokenizer_digits_single_words_whole(tmp_path):

@@ -9,10 +9,12 @@ answer (the sum, digits only), labelled by its source in the `source` field, in 
 
 Two sources, like GPT-4 and GPT-3.5 in the paper:
   expert      (`expert_fraction` of the conversations, 10% by default): always right.
-  suboptimal  (the rest): a careless adder. When the sum needs a carry, it drops every carry with
-              probability `slip_rate` and writes the column sums mod 10 (347 + 285 -> 522, 985 + 247
-              -> 122); otherwise, and whenever no carry is needed, it is right. The slip is the same
-              systematic mistake each time, so a model trained on the mixture learns it.
+  suboptimal  (the rest): a careless adder that forgets to write down the final carry. When the
+              sum has one digit more than the operands (a carry out of the leftmost column), it
+              writes only the column digits with probability `slip_rate` (78 + 89 -> "67" instead
+              of "167"; 47 + 58 -> "05"); otherwise, and whenever there is no final carry, it is
+              right. Every other digit of its answers is right: it demonstrates the addition itself
+              as well as the expert does, and errs the same way each time.
 The question and its phrasing are drawn the same way for both sources; only the answer differs.
 
 The held-out test split has other questions (no operand pair of the train split, in either
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -59,9 +62,9 @@ TEST_REFERENCES_FILE = "test_references.jsonl"
 class TaskSpec:
     num_train: int = 4000
     num_test: int = 200
-    digits: int = 3  # both operands have exactly this many digits
+    digits: int = 2  # both operands have exactly this many digits
     expert_fraction: float = 0.1
-    slip_rate: float = 0.7  # P(the sub-optimal source drops the carries | the sum needs a carry)
+    slip_rate: float = 0.7  # P(the sub-optimal source drops the final carry | the sum has one)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,11 +78,15 @@ class TaskSpec:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"demo task {name}={value!r} must be in [0, 1]")
-        pairs = (9 * 10 ** (self.digits - 1)) ** 2
-        if self.num_train + self.num_test > pairs // 2:
+        # The test split is drawn from operand pairs the train split does not use; make sure enough
+        # are left (expected number of unused unordered pairs >= twice the test size).
+        n = 9 * 10 ** (self.digits - 1)
+        unused = n * (n + 1) / 2 * math.exp(-2 * self.num_train / n**2)
+        if unused < 2 * self.num_test:
             raise ConfigError(
-                f"demo task: {self.num_train} train + {self.num_test} test questions need more distinct "
-                f"{self.digits}-digit operand pairs than the held-out split can be drawn from; use more digits"
+                f"demo task: {self.num_train} train questions leave about {unused:.0f} unused "
+                f"{self.digits}-digit operand pairs for {self.num_test} held-out questions; use more digits "
+                "or fewer questions"
             )
 
 
@@ -106,19 +113,14 @@ class DemoData:
     counts: dict[str, Any]  # per source: conversations, wrong answers, ...
 
 
-def add_without_carry(a: int, b: int) -> int:
-    """The sub-optimal source's slip: each column's digit sum mod 10, carries dropped."""
-    if a < 0 or b < 0:
-        raise ValueError("operands must be non-negative")
-    total, place = 0, 1
-    while a or b:
-        total += (a % 10 + b % 10) % 10 * place
-        a, b, place = a // 10, b // 10, place * 10
-    return total
+def has_final_carry(a: int, b: int, digits: int) -> bool:
+    """The sum of two `digits`-digit numbers needs one digit more than they have."""
+    return a + b >= 10**digits
 
 
-def needs_carry(a: int, b: int) -> bool:
-    return add_without_carry(a, b) != a + b
+def drop_final_carry(a: int, b: int, digits: int) -> str:
+    """The sub-optimal source's slip: the column digits of the sum without the final carry."""
+    return str((a + b) % 10**digits).zfill(digits)
 
 
 def _draw_problem(rng: np.random.Generator, digits: int) -> Problem:
@@ -137,10 +139,10 @@ def iter_train(spec: TaskSpec, rng: np.random.Generator) -> Iterator[tuple[Probl
         problem = _draw_problem(rng, spec.digits)
         expert = rng.random() < spec.expert_fraction
         slip = rng.random() < spec.slip_rate  # drawn for every conversation: streams stay aligned
-        if expert or not (slip and needs_carry(problem.a, problem.b)):
+        if expert or not (slip and has_final_carry(problem.a, problem.b, spec.digits)):
             yield problem, EXPERT if expert else SUBOPTIMAL, problem.answer
         else:
-            yield problem, SUBOPTIMAL, str(add_without_carry(problem.a, problem.b))
+            yield problem, SUBOPTIMAL, drop_final_carry(problem.a, problem.b, spec.digits)
 
 
 def _test_problems(spec: TaskSpec, rng: np.random.Generator, taken: set[tuple[int, int]]) -> list[Problem]:
@@ -164,7 +166,7 @@ def generate(spec: TaskSpec, out_dir: str | Path) -> DemoData:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_seq, test_seq = np.random.SeedSequence(spec.seed).spawn(2)
-    counts = {s: {"conversations": 0, "wrong": 0, "need_carry": 0} for s in (EXPERT, SUBOPTIMAL)}
+    counts = {s: {"conversations": 0, "wrong": 0, "final_carry": 0} for s in (EXPERT, SUBOPTIMAL)}
     rows = []
     taken: set[tuple[int, int]] = set()
     for i, (problem, source, answer) in enumerate(iter_train(spec, np.random.default_rng(train_seq))):
@@ -172,7 +174,7 @@ def generate(spec: TaskSpec, out_dir: str | Path) -> DemoData:
         c = counts[source]
         c["conversations"] += 1
         c["wrong"] += answer != problem.answer
-        c["need_carry"] += needs_carry(problem.a, problem.b)
+        c["final_carry"] += has_final_carry(problem.a, problem.b, spec.digits)
         rows.append({
             "id": f"train-{i:05d}",
             LABEL_FIELD: source,
@@ -184,10 +186,11 @@ def generate(spec: TaskSpec, out_dir: str | Path) -> DemoData:
         {"id": f"test-{i:05d}", "messages": [{"role": "user", "content": p.question}]} for i, p in enumerate(test)
     ])
     _write_jsonl(out_dir / TEST_REFERENCES_FILE, [
-        {"id": f"test-{i:05d}", "reference": p.answer, "needs_carry": needs_carry(p.a, p.b)}
+        {"id": f"test-{i:05d}", "reference": p.answer, "final_carry": has_final_carry(p.a, p.b, spec.digits)}
         for i, p in enumerate(test)
     ])
-    counts["test"] = {"questions": len(test), "need_carry": sum(needs_carry(p.a, p.b) for p in test)}
+    counts["test"] = {"questions": len(test),
+                      "final_carry": sum(has_final_carry(p.a, p.b, spec.digits) for p in test)}
     return DemoData(out_dir / TRAIN_FILE, out_dir / TEST_PROMPTS_FILE, out_dir / TEST_REFERENCES_FILE, counts)
 
 
@@ -223,7 +226,7 @@ def _read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
 
 
 def read_references(path: str | Path) -> dict[str, dict]:
-    """id -> reference row ({"reference": str, "needs_carry": bool})."""
+    """id -> reference row ({"reference": str, "final_carry": bool})."""
     out = {}
     for where, obj in _read_jsonl(path):
         if not isinstance(obj.get("id"), str) or not isinstance(obj.get("reference"), str):
@@ -245,7 +248,7 @@ def read_answers(path: str | Path) -> dict[str, str]:
 
 def score_files(answers_path: str | Path, references_path: str | Path) -> dict[str, float]:
     """Exact match of a generate output against the references: overall, and on the questions
-    whose sum needs a carry / needs none. Every reference must have an answer."""
+    whose sum has a final carry / has none. Every reference must have an answer."""
     answers = read_answers(answers_path)
     refs = read_references(references_path)
     missing = sorted(set(refs) - set(answers))
@@ -253,8 +256,8 @@ def score_files(answers_path: str | Path, references_path: str | Path) -> dict[s
         raise DataError(f"{answers_path}: no answer for {len(missing)} test question(s), e.g. {missing[0]}")
     ids = sorted(refs)
     result = {"exact_match": score([answers[i] for i in ids], [refs[i]["reference"] for i in ids])}
-    for name, want in (("exact_match_carry", True), ("exact_match_no_carry", False)):
-        sub = [i for i in ids if bool(refs[i].get("needs_carry")) == want]
+    for name, want in (("exact_match_final_carry", True), ("exact_match_no_final_carry", False)):
+        sub = [i for i in ids if bool(refs[i].get("final_carry")) == want]
         result[name] = score([answers[i] for i in sub], [refs[i]["reference"] for i in sub]) if sub else float("nan")
     return result
 
