@@ -75,6 +75,30 @@ def make_checkpointer(config: ml_collections.ConfigDict) -> Any:
                         async_save=ckpt.async_save)
 
 
+def _set_aside_damaged(checkpointer: Any, skipped: Sequence[tuple[int, str]]) -> None:
+    """Rename the checkpoints that failed to restore to `<step>.damaged` (kept for a post-mortem,
+    no longer listed), so the run can save those steps again."""
+    directory = getattr(checkpointer, "directory", None)
+    if not skipped or directory is None:
+        return
+    from etils import epath
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        for bad_step, _ in skipped:
+            src = epath.Path(directory) / str(bad_step)
+            dst = epath.Path(directory) / f"{bad_step}.damaged"
+            if dst.exists():
+                dst.rmtree()
+            if src.exists():
+                src.rename(dst)
+                log.warning("set aside the damaged checkpoint %s as %s", src, dst)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("openchat_jax: damaged checkpoints set aside")
+    if hasattr(checkpointer, "all_steps"):
+        checkpointer.all_steps()  # reloads the step list
+
+
 def _preempted(checkpointer: Any, step: int) -> bool:
     reached = getattr(checkpointer, "reached_preemption", None)
     return bool(reached is not None and reached(step))
@@ -292,6 +316,7 @@ def train(
     restored = checkpointer.restore_latest(run.abstract_state()) if checkpointer is not None else None
     if restored is not None:
         state = restored.state
+        _set_aside_damaged(checkpointer, getattr(restored, "skipped", ()))
         run.loader.set_state(restored.data_state)
         start = int(restored.step)
         log.info("resumed from step %d", start)
