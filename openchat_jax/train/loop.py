@@ -15,6 +15,7 @@ stalls the device queue for logging.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from openchat_jax.errors import ConfigError, DataError, OpenChatError
+from openchat_jax.errors import CheckpointError, ConfigError, DataError, OpenChatError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import flops as flops_lib
 from openchat_jax.train import mesh as mesh_lib
@@ -97,6 +98,37 @@ def _set_aside_damaged(checkpointer: Any, skipped: Sequence[tuple[int, str]]) ->
         multihost_utils.sync_global_devices("openchat_jax: damaged checkpoints set aside")
     if hasattr(checkpointer, "all_steps"):
         checkpointer.all_steps()  # reloads the step list
+
+
+PER_PROCESS_KEY = "per_process"
+
+
+def _data_state_to_save(loader: Any) -> dict[str, Any]:
+    """The loader state to checkpoint. Each process reads its own shard, but the checkpoint's JSON
+    item is written by process 0 only: with several processes, gather every process's state."""
+    state = loader.get_state()
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: blob.size] = blob
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return {PER_PROCESS_KEY: [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]}
+
+
+def _own_data_state(data_state: dict[str, Any]) -> dict[str, Any]:
+    per_process = data_state.get(PER_PROCESS_KEY) if isinstance(data_state, dict) else None
+    if per_process is None:
+        return data_state
+    if len(per_process) != jax.process_count():
+        raise CheckpointError(
+            f"the checkpoint's data state was written by {len(per_process)} processes, this run has "
+            f"{jax.process_count()}: resume with the same number of processes"
+        )
+    return per_process[jax.process_index()]
 
 
 def _preempted(checkpointer: Any, step: int) -> bool:
@@ -317,7 +349,7 @@ def train(
     if restored is not None:
         state = restored.state
         _set_aside_damaged(checkpointer, getattr(restored, "skipped", ()))
-        run.loader.set_state(restored.data_state)
+        run.loader.set_state(_own_data_state(restored.data_state))
         start = int(restored.step)
         log.info("resumed from step %d", start)
     else:
@@ -369,12 +401,12 @@ def train(
                 fetch(pending)
                 pending = None
             if checkpointer is not None and checkpointer.due(step) and step < run.total_steps:
-                checkpointer.save(step, state, run.loader.get_state())
+                checkpointer.save(step, state, _data_state_to_save(run.loader))
         if pending is not None:
             fetch(pending)
             pending = None
         if checkpointer is not None and step > start:
-            checkpointer.save(step, state, run.loader.get_state())
+            checkpointer.save(step, state, _data_state_to_save(run.loader))
     finally:
         bar.close()
         writer.close()
