@@ -302,3 +302,20 @@ def test_nonfinite_steps_in_a_row_stop_with_the_step_and_no_bad_checkpoint(fake_
     with pytest.raises(OpenChatError, match=r"step 3: 2 non-finite steps in a row \(train.max_nonfinite_in_a_row=2\)"):
         train(run.config, run=run, checkpointer=make_checkpointer(run.config))
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_stop_right_after_a_periodic_save_does_not_save_the_step_twice(fake_run, tmp_path):
+    class StopAfter:
+        def __init__(self, loader, after):
+            self.loader, self.after = loader, after
+
+        def __bool__(self):
+            return self.loader.k >= self.after
+
+    run = _with(fake_run, fake_batches(4, seed=5), tmp_path / "run")
+    config = run.config.copy_and_resolve_references()
+    config.checkpoint.save_every = 2
+    run.config = config
+    result = train(config, run=run, checkpointer=make_checkpointer(config), stop=StopAfter(run.loader, 2))
+    assert result.stopped and result.steps_done == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]

@@ -366,6 +366,7 @@ def train(
     batches: Iterator = iter(run.loader)
     pending: tuple[int, Any] | None = None
     last_fetched = start
+    last_saved = start  # a restored step is already saved
     stopped = False
     step = start
 
@@ -402,10 +403,11 @@ def train(
                 pending = None
             if checkpointer is not None and checkpointer.due(step) and step < run.total_steps:
                 checkpointer.save(step, state, _data_state_to_save(run.loader))
+                last_saved = step
         if pending is not None:
             fetch(pending)
             pending = None
-        if checkpointer is not None and step > start:
+        if checkpointer is not None and step > last_saved:  # a stop right after a periodic save: saved
             checkpointer.save(step, state, _data_state_to_save(run.loader))
     finally:
         bar.close()
