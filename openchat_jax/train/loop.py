@@ -6,7 +6,11 @@
 Seams for checkpoint/resume and preemption (see `Checkpointing`): `train(config, checkpointer=...,
 stop=...)` restores the newest checkpoint through `checkpointer.restore_latest(abstract_state)`
 (state + data iterator state) before the first step, saves when `checkpointer.due(step)` and at
-the end (and when stopped), and polls `bool(stop)` between steps (a SIGTERM flag).
+the end (and when stopped), and polls `bool(stop)` between steps (a SIGTERM flag) as well as
+`checkpointer.reached_preemption(step)` (multi-host: every process stops at the same step).
+`make_checkpointer(config)` builds the real one from `config.checkpoint` (the CLI always does).
+Checkpoints that failed to restore are renamed `<step>.damaged`; with several processes the
+data state saved is every process's loader state (`{"per_process": [...]}`).
 
 Like nanodo, the loop dispatches step n+1 before it fetches step n's metrics, so the host never
 stalls the device queue for logging.
