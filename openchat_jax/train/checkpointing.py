@@ -32,12 +32,14 @@ class Restored:
     skipped: list[tuple[int, str]]  # (step, reason) for each newer checkpoint that failed
 
 
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+    return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]).all()
+
+
 def _all_finite(tree: Any) -> bool:
     leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.inexact)]
-    if not leaves:
-        return True
-    finite = jax.jit(lambda xs: jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in xs])))(leaves)
-    return bool(finite)
+    return bool(_finite_flags(leaves)) if leaves else True  # compiled once per state structure
 
 
 class Checkpointer:
