@@ -87,6 +87,9 @@ class PackedLoader:
     @property
     def _iter(self):
         if self._it is None:
+            # Open the TFDS source here, in the calling thread: opening it first inside grain's
+            # reader threads races with TFDS's lazy imports ("'LazyModule' object is not callable").
+            _ = self.source
             self._it = iter(self._dataset.to_iter_dataset(self._read_options))
         return self._it
 
@@ -188,6 +191,7 @@ class PackedLoader:
         if mismatched:
             raise ConfigError("loader state does not match this loader (saved, current): "
                               + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in mismatched.items()))
+        _ = self.source
         self._it = iter(self._dataset.to_iter_dataset(self._read_options))
         self._it.set_state(state["iterator"])
 
