@@ -8,6 +8,7 @@ import argparse
 import importlib
 import sys
 
+from openchat_jax.config import split_config_args
 from openchat_jax.errors import OpenChatError
 
 # command name -> module under openchat_jax.cli (imported lazily so `--help` stays fast).
@@ -21,6 +22,17 @@ COMMANDS = {
     "demo": "demo",
     "plan": "plan",
 }
+
+
+class ConfigOverridesParser(argparse.ArgumentParser):
+    """A command parser that takes the open-ended `--config.key=value` items out before argparse
+    sees them and puts them in `args.overrides` (set `parser.__class__` to this)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
+        namespace, extras = super().parse_known_args(rest, namespace)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
+        return namespace, extras
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

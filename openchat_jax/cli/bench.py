@@ -7,19 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from openchat_jax.config import load_config, split_config_args
-
-
-class _ConfigOverridesParser(argparse.ArgumentParser):
-    """Takes the open-ended `--config.key=value` items out before argparse sees them."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
-        namespace, extras = super().parse_known_args(rest, namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
-        return namespace, extras
+from openchat_jax.config import load_config
+from openchat_jax.cli import ConfigOverridesParser
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(train.global_batch_size x data.max_length) and, in the same run, the same step in "
                     "transformers + torch.optim.AdamW.",
     )
-    step.__class__ = _ConfigOverridesParser
+    step.__class__ = ConfigOverridesParser
     step.add_argument("--config", required=True, help="config file (e.g. configs/bench_50m.py)")
     step.add_argument("--rounds", type=int, default=3, help="alternating JAX/torch rounds (default 3)")
     step.add_argument("--steps-per-round", type=int, default=3)

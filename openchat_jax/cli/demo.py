@@ -4,20 +4,9 @@ C-RLFT vs SFT in miniature on a CPU, no download (see openchat_jax/demo and docs
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from openchat_jax.config import split_config_args
-
-
-class _ConfigOverridesParser(argparse.ArgumentParser):
-    """Takes the open-ended `--config.key=value` items out before argparse sees them."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
-        namespace, extras = super().parse_known_args(rest, namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
-        return namespace, extras
+from openchat_jax.cli import ConfigOverridesParser
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "exact match on held-out questions under the expert and the sub-optimal condition. Writes "
                     "OUT/table.md, OUT/demo.png and OUT/results.json.",
     )
-    parser.__class__ = _ConfigOverridesParser
+    parser.__class__ = ConfigOverridesParser
     parser.add_argument("--ablation", action="store_true",
                         help="also SFT (all data), SFT (expert data only), C-RLFT w/o rewards and w/o conditions, "
                              "with the same budget (the paper's Table 2)")

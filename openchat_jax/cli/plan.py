@@ -17,22 +17,13 @@ import re
 import sys
 from typing import MutableMapping
 
-from openchat_jax.config import load_config, split_config_args
+from openchat_jax.config import load_config
 from openchat_jax.errors import ConfigError
+from openchat_jax.cli import ConfigOverridesParser
 
 CHIP_CHOICES = ("v4", "v5e", "v5p", "h100")  # the keys of openchat_jax.train.plan.CHIPS
 MESH_AXES = ("data", "fsdp", "tensor")  # = openchat_jax.train.mesh.MESH_AXES
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
-
-
-class _ConfigOverridesParser(argparse.ArgumentParser):
-    """Takes the open-ended `--config.key=value` items out before argparse sees them."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
-        namespace, extras = super().parse_known_args(rest, namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
-        return namespace, extras
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "memory allocated) and prints per-device memory, FLOPs per step and step time at an MFU; "
                     "override any field with --config.key=value (e.g. --config.train.micro_batches=4).",
     )
-    p.__class__ = _ConfigOverridesParser
+    p.__class__ = ConfigOverridesParser
     p.add_argument("--config", required=True, help="config file with get_config()")
     p.add_argument("--mesh", default=None,
                    help="AXIS=SIZE[,AXIS=SIZE] over data/fsdp/tensor, e.g. fsdp=32 or fsdp=16,tensor=2 "

@@ -5,19 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from openchat_jax.config import load_config, split_config_args
-
-
-class _ConfigOverridesParser(argparse.ArgumentParser):
-    """Takes `--config.key=value` items out before argparse sees them (they are open-ended)."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
-        namespace, extras = super().parse_known_args(rest, namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
-        return namespace, extras
+from openchat_jax.config import load_config
+from openchat_jax.cli import ConfigOverridesParser
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prepare", help="tokenize conversation files into a prepared dataset (TFDS ArrayRecord + report.json)",
         description="Reads config.data (files, classes, label map, tokenizer, max_length, dataset_dir); "
                     "override any field with --config.data.key=value.")
-    parser.__class__ = _ConfigOverridesParser
+    parser.__class__ = ConfigOverridesParser
     parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/data_sharegpt.py)")
     parser.add_argument("--progress", action="store_true", help="show TFDS progress bars")
     parser.set_defaults(func=run, overrides=[])

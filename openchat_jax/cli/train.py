@@ -10,19 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from openchat_jax.config import load_config, split_config_args
-
-
-class _ConfigOverridesParser(argparse.ArgumentParser):
-    """Takes the open-ended `--config.key=value` items out before argparse sees them."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
-        namespace, extras = super().parse_known_args(rest, namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
-        return namespace, extras
+from openchat_jax.config import load_config
+from openchat_jax.cli import ConfigOverridesParser
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Trains the model of config.model (or config.init_from) on config.data.dataset_dir; "
                     "override any field with --config.key=value.",
     )
-    parser.__class__ = _ConfigOverridesParser
+    parser.__class__ = ConfigOverridesParser
     parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/tiny_sharegpt.py)")
     parser.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int, default=None)
