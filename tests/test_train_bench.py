@@ -1,0 +1,32 @@
+"""`openchat-jax bench train-step` runs end to end on a toy model and reports consistent figures."""
+
+from __future__ import annotations
+
+import json
+
+from openchat_jax.cli import main as cli_main
+
+
+def test_bench_train_step_smoke(tmp_path, capsys):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from openchat_jax.train.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config('tiny')\n"
+        "    c.model.update(vocab_size=256, embed=32, mlp=64, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16)\n"
+        "    c.data.max_length = 32\n"
+        "    c.train.global_batch_size = 8\n"
+        "    return c\n"
+    )
+    out = tmp_path / "bench.json"
+    rc = cli_main(["bench", "train-step", "--config", str(config_file), "--rounds", "1", "--steps-per-round", "2",
+                   "--matmul-size", "128", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "jax / torch speed" in printed and "matmul peak" in printed
+    result = json.loads(out.read_text())
+    assert len(result["jax_step_times"]) == 2 and len(result["torch_step_times"]) == 2
+    assert result["tokens_per_step"] == 8 * 32
+    assert result["speedup_vs_torch"] == result["torch_step_seconds"] / result["jax_step_seconds"]
+    assert result["jax_mfu"] == result["jax_tokens_per_second"] * result["flops_per_token"] / result["matmul_peak_flops"]
+    assert result["matmul_peak_flops"] == max(result["matmul_peaks"]) > 0
