@@ -69,7 +69,7 @@ def test_auto_lr_and_paper_config():
 
 def test_weight_decay_mask_spares_norms_and_embeddings():
     cfg = TINY.replace(num_layers=1, vocab_size=64)
-    params = init_params(cfg, jax.random.key(0))
+    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
     mask = decay_mask(params, decay_norms=False, decay_embeddings=False)
     assert mask["blocks"]["attn_norm"] is False and mask["final_norm"] is False
     assert mask["embed"] is False and mask["lm_head"] is False and mask["blocks"]["wq"] is True
@@ -78,7 +78,7 @@ def test_weight_decay_mask_spares_norms_and_embeddings():
     train.update(lr=0.5, warmup_ratio=0.0, end_lr_ratio=1.0, decay_norms=False, decay_embeddings=False)
     tx, _, _ = make_optimizer(train, total_steps=10, tokens_per_step=1)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     np.testing.assert_allclose(updates["blocks"]["wq"], -0.5 * 0.1 * params["blocks"]["wq"], rtol=1e-6)
     for name in ("embed", "lm_head", "final_norm"):
         assert not np.asarray(updates[name]).any(), name
