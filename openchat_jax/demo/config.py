@@ -29,24 +29,25 @@ def get_config() -> ml_collections.ConfigDict:
     data.classes = [dict(EXPERT_CLASS), dict(SUBOPTIMAL_CLASS)]
     data.label_map = {}
     data.default_class = ""
-    data.max_length = 128  # packing row length; a conversation is ~20 tokens
+    data.max_length = 128  # packing row length; a conversation is ~30 tokens
     data.num_workers = 1  # a few thousand short conversations: worker processes cost more than they save
 
     train = config.train
-    train.global_batch_size = 8  # rows of 128 tokens: ~45 conversations per step
-    train.num_steps = 600  # the same for every variant and seed (the ablation's "same budget")
+    train.global_batch_size = 8  # rows of 128 tokens: ~35 conversations per step
+    train.num_steps = 1000  # the same for every variant and seed (the ablation's "same budget")
     train.lr = 2e-3
     train.log_every = 10
     train.tensorboard = False
-    train.progress = False
+    train.progress = True
 
     config.demo = ml_collections.ConfigDict({
         "num_train": 4000,
         "num_test": 200,
-        "digits": 2,
+        "min_length": 8,  # digits per question
+        "max_length": 8,
         "expert_fraction": 0.1,
         "slip_rate": 0.7,
-        "max_new_tokens": 8,  # answers: digits + <|end_of_turn|> (the "▁" before them is a token too)
+        "max_new_tokens": 16,  # answers: "▁" + max_length digits + <|end_of_turn|>
         "generate_batch_size": 64,
     })
     return config

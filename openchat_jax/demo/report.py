@@ -47,7 +47,7 @@ def summary(results: Sequence[RunResult]) -> list[dict]:
             "seeds": [r.seed for r in runs],
             "expert": float(np.mean([expert_accuracy(r) for r in runs])),
             "expert_per_seed": [expert_accuracy(r) for r in runs],
-            "expert_final_carry": float(np.mean([expert_accuracy(r, "exact_match_final_carry") for r in runs])),
+            "expert_repeats": float(np.mean([expert_accuracy(r, "exact_match_repeats") for r in runs])),
             "suboptimal": None if None in sub else float(np.mean(sub)),
             "suboptimal_per_seed": None if None in sub else sub,
         })
@@ -59,7 +59,7 @@ def format_table(results: Sequence[RunResult]) -> str:
     n_seeds = len({r.seed for r in results})
     lines = [
         f"| Method | Class-conditioned | Coarse-grained rewards | Data | Expert condition EM (%) "
-        f"| Sub-optimal condition EM (%) | Expert condition EM, sums with a final carry (%) |",
+        f"| Sub-optimal condition EM (%) | Expert condition EM, questions with a repeated digit (%) |",
         "|---|:-:|:-:|---|--:|--:|--:|",
     ]
     for row in summary(results):
@@ -70,7 +70,7 @@ def format_table(results: Sequence[RunResult]) -> str:
             f"| {v.title} | {'✓' if v.conditioned else '✗'} | {'✓' if v.weighted else '✗'} "
             f"| {'expert only' if v.expert_only else 'all'} | {_mean_sd([expert_accuracy(r) for r in runs])} "
             f"| {'–' if None in sub else _mean_sd(sub)} "
-            f"| {_mean_sd([expert_accuracy(r, 'exact_match_final_carry') for r in runs])} |"
+            f"| {_mean_sd([expert_accuracy(r, 'exact_match_repeats') for r in runs])} |"
         )
     note = (f"Exact match on {len(runs)} run(s) per method" if n_seeds == 1 else
             f"Mean ± sample standard deviation over {n_seeds} seeds")

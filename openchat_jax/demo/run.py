@@ -57,7 +57,7 @@ VARIANTS = {
         Variant("crlft", "C-RLFT", conditioned=True, weighted=True),
     )
 }
-DEFAULT_VARIANTS = ("crlft",)
+DEFAULT_VARIANTS = ("sft_all", "crlft")
 ABLATION_VARIANTS = ("sft_all", "sft_expert", "no_weights", "no_conditions", "crlft")
 
 
@@ -81,8 +81,8 @@ class RunResult:
 def task_spec(config: ml_collections.ConfigDict, seed: int) -> tasks.TaskSpec:
     d = config.demo
     return tasks.TaskSpec(
-        num_train=d.num_train, num_test=d.num_test, digits=d.digits, expert_fraction=d.expert_fraction,
-        slip_rate=d.slip_rate, seed=seed,
+        num_train=d.num_train, num_test=d.num_test, min_length=d.min_length, max_length=d.max_length,
+        expert_fraction=d.expert_fraction, slip_rate=d.slip_rate, seed=seed,
     )
 
 
@@ -157,7 +157,10 @@ def run_variant(
     tokenizer_dir: Path,
     seed_dir: Path,
     log: Log = print,
+    prepared: set[Path] | None = None,
 ) -> RunResult:
+    """One variant on one seed's data. `prepared`: dataset folders already prepared by this demo run
+    (variants with the same template share one); None prepares anyway."""
     import jax
 
     from openchat_jax.data.prepare import prepare
@@ -168,11 +171,13 @@ def run_variant(
     cfg = variant_config(config, variant, seed=seed, train_file=data.train, tokenizer_dir=tokenizer_dir,
                          dataset_dir=dataset_dir, workdir=workdir)
     t0 = time.perf_counter()
-    if not (dataset_dir / "dataset_info.json").is_file():
+    if prepared is None or dataset_dir not in prepared:
         with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing ..."
             report = prepare(cfg.data)
         log(f"  prepared {dataset_dir.name}: {report['examples']} conversations "
             f"({report['skipped']} skipped by the label map), {report['totals']['tokens']} tokens")
+        if prepared is not None:
+            prepared.add(dataset_dir)
     t1 = time.perf_counter()
     # One device: the model is tiny, sharding it would only add communication.
     run = build_run(cfg, devices=jax.local_devices()[:1])
@@ -210,15 +215,16 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = build_demo_tokenizer(out_dir / "tokenizer", tokenizer_words(config))
     results: list[RunResult] = []
+    prepared: set[Path] = set()  # prepared in this call (an older one may hold other data)
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
         data = tasks.generate(task_spec(config, seed), seed_dir / "data")
         c = data.counts
         log(f"seed {seed}: {c['expert']['conversations']} expert + {c['suboptimal']['conversations']} sub-optimal "
-            f"conversations ({c['suboptimal']['wrong']} sub-optimal answers wrong), "
+            f"conversations ({c['suboptimal']['wrong']} sub-optimal answers drop repeated digits), "
             f"{c['test']['questions']} held-out questions")
         for key in variants:
-            results.append(run_variant(config, VARIANTS[key], seed, data, tokenizer_dir, seed_dir, log))
+            results.append(run_variant(config, VARIANTS[key], seed, data, tokenizer_dir, seed_dir, log, prepared))
             (out_dir / "results.json").write_text(json.dumps(
                 {"config": config.to_dict(), "results": [r.to_dict() for r in results]}, indent=1, default=str))
     return results

@@ -1,30 +1,30 @@
-"""The demo's data: mixed-quality addition conversations whose answers can be checked exactly.
+"""The demo's data: mixed-quality digit-sorting conversations whose answers can be checked exactly.
 
-Every conversation is one user question ("What is 347 + 285?", six phrasings) and one assistant
-answer (the sum, digits only), labelled by its source in the `source` field, in the OpenAI
-`messages` format that `openchat-jax prepare` reads:
+Every conversation is one user question ("Sort the digits 44557241.", six phrasings) and one
+assistant answer (the digits in ascending order, e.g. "12444557"), labelled by its source in the
+`source` field, in the OpenAI `messages` format that `openchat-jax prepare` reads:
 
-  {"id": "train-00007", "source": "expert", "messages": [{"role": "user", "content": "Add 347 and 285."},
-                                                         {"role": "assistant", "content": "632"}]}
+  {"id": "train-00007", "source": "expert", "messages": [{"role": "user", "content": "Sort 44557241 in ascending order."},
+                                                         {"role": "assistant", "content": "12444557"}]}
 
 Two sources, like GPT-4 and GPT-3.5 in the paper:
   expert      (`expert_fraction` of the conversations, 10% by default): always right.
-  suboptimal  (the rest): a careless adder that forgets to write down the final carry. When the
-              sum has one digit more than the operands (a carry out of the leftmost column), it
-              writes only the column digits with probability `slip_rate` (78 + 89 -> "67" instead
-              of "167"; 47 + 58 -> "05"); otherwise, and whenever there is no final carry, it is
-              right. Every other digit of its answers is right: it demonstrates the addition itself
-              as well as the expert does, and errs the same way each time.
+  suboptimal  (the rest): a careless sorter that treats the digits as a set. When a digit repeats,
+              it writes every distinct digit once with probability `slip_rate` (44557241 ->
+              "12457" instead of "12444557"); otherwise, and whenever no digit repeats, it is
+              right. Its answers are sorted correctly; the mistake is the same every time, so a
+              model trained on the mixture learns it.
 The question and its phrasing are drawn the same way for both sources; only the answer differs.
 
-The held-out test split has other questions (no operand pair of the train split, in either
-order): `test_prompts.jsonl` in the `openchat-jax generate` prompts format and
-`test_references.jsonl` with the right answers.
+The held-out test split has other questions: no test question has the answer (the sorted digits)
+of any train question, nor of another test question. `test_prompts.jsonl` is in the
+`openchat-jax generate` prompts format, `test_references.jsonl` holds the right answers.
 
-Scoring is exact match after stripping surrounding whitespace (`normalize`), nothing else: "632"
-and " 632\n" count as right, "0632", "632." or "6 32" do not.
+Scoring is exact match after stripping surrounding whitespace (`normalize`), nothing else:
+"12444557" and " 12444557\\n" count as right; "124457", "1244 4557" or "12444557." do not.
 
-Everything is drawn from one seeded `numpy.random.Generator`: the same spec gives the same files.
+Everything is drawn from one seeded `numpy.random.Generator` per split: the same spec gives the
+same files.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ LABEL_FIELD = "source"
 EXPERT = "expert"
 SUBOPTIMAL = "suboptimal"
 
-# Phrasings of the question; {a} and {b} are the operands.
+# Phrasings of the question; {x} is the digit string.
 QUESTIONS = (
-    "What is {a} + {b}?",
-    "Compute {a} + {b}.",
-    "Add {a} and {b}.",
-    "{a} + {b} = ?",
-    "What is the sum of {a} and {b}?",
-    "Calculate {a} plus {b}.",
+    "Sort the digits {x}.",
+    "Sort {x} in ascending order.",
+    "What is {x} with its digits sorted?",
+    "Put the digits of {x} in increasing order.",
+    "Arrange the digits {x} from smallest to largest.",
+    "Order the digits of {x}.",
 )
 
 TRAIN_FILE = "train.jsonl"
@@ -62,47 +62,49 @@ TEST_REFERENCES_FILE = "test_references.jsonl"
 class TaskSpec:
     num_train: int = 4000
     num_test: int = 200
-    digits: int = 2  # both operands have exactly this many digits
+    min_length: int = 8  # digits per question, drawn uniformly from [min_length, max_length]
+    max_length: int = 8
     expert_fraction: float = 0.1
-    slip_rate: float = 0.7  # P(the sub-optimal source drops the final carry | the sum has one)
+    slip_rate: float = 0.7  # P(the sub-optimal source drops repeated digits | a digit repeats)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.digits, int) or not 1 <= self.digits <= 9:
-            raise ConfigError(f"demo task digits={self.digits!r} must be an integer in [1, 9]")
-        for name in ("num_train", "num_test"):
+        for name in ("num_train", "num_test", "min_length", "max_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"demo task {name}={value!r} must be a positive integer")
+        if self.min_length > self.max_length:
+            raise ConfigError(f"demo task min_length={self.min_length} > max_length={self.max_length}")
         for name in ("expert_fraction", "slip_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"demo task {name}={value!r} must be in [0, 1]")
-        # The test split is drawn from operand pairs the train split does not use; make sure enough
-        # are left (expected number of unused unordered pairs >= twice the test size).
-        n = 9 * 10 ** (self.digits - 1)
-        unused = n * (n + 1) / 2 * math.exp(-2 * self.num_train / n**2)
-        if unused < 2 * self.num_test:
+        # Test questions need answers no train question has: keep at least half the answers free.
+        answers = sum(math.comb(n + 9, 9) for n in range(self.min_length, self.max_length + 1))
+        if self.num_train + 2 * self.num_test > answers // 2:
             raise ConfigError(
-                f"demo task: {self.num_train} train questions leave about {unused:.0f} unused "
-                f"{self.digits}-digit operand pairs for {self.num_test} held-out questions; use more digits "
-                "or fewer questions"
+                f"demo task: {self.num_train} train + {self.num_test} test questions need more distinct "
+                f"answers than lists of {self.min_length}-{self.max_length} digits have ({answers}); "
+                "use longer lists or fewer questions"
             )
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    a: int
-    b: int
+    digits: str
     phrasing: int  # index into QUESTIONS
 
     @property
     def question(self) -> str:
-        return QUESTIONS[self.phrasing].format(a=self.a, b=self.b)
+        return QUESTIONS[self.phrasing].format(x=self.digits)
 
     @property
     def answer(self) -> str:
-        return str(self.a + self.b)
+        return "".join(sorted(self.digits))
+
+    @property
+    def has_repeats(self) -> bool:
+        return len(set(self.digits)) < len(self.digits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,47 +112,38 @@ class DemoData:
     train: Path
     test_prompts: Path
     test_references: Path
-    counts: dict[str, Any]  # per source: conversations, wrong answers, ...
+    counts: dict[str, Any]  # per source: conversations, wrong answers, questions with repeats
 
 
-def has_final_carry(a: int, b: int, digits: int) -> bool:
-    """The sum of two `digits`-digit numbers needs one digit more than they have."""
-    return a + b >= 10**digits
+def drop_repeats(digits: str) -> str:
+    """The sub-optimal source's slip: every distinct digit once, in ascending order."""
+    return "".join(sorted(set(digits)))
 
 
-def drop_final_carry(a: int, b: int, digits: int) -> str:
-    """The sub-optimal source's slip: the column digits of the sum without the final carry."""
-    return str((a + b) % 10**digits).zfill(digits)
-
-
-def _draw_problem(rng: np.random.Generator, digits: int) -> Problem:
-    lo, hi = 10 ** (digits - 1), 10**digits
-    a, b = (int(x) for x in rng.integers(lo, hi, size=2))
-    return Problem(a, b, int(rng.integers(len(QUESTIONS))))
-
-
-def _key(p: Problem) -> tuple[int, int]:
-    return (min(p.a, p.b), max(p.a, p.b))
+def _draw_problem(rng: np.random.Generator, spec: TaskSpec) -> Problem:
+    n = int(rng.integers(spec.min_length, spec.max_length + 1))
+    digits = "".join(str(int(d)) for d in rng.integers(0, 10, size=n))
+    return Problem(digits, int(rng.integers(len(QUESTIONS))))
 
 
 def iter_train(spec: TaskSpec, rng: np.random.Generator) -> Iterator[tuple[Problem, str, str]]:
     """(problem, source, answer text) for each train conversation."""
     for _ in range(spec.num_train):
-        problem = _draw_problem(rng, spec.digits)
+        problem = _draw_problem(rng, spec)
         expert = rng.random() < spec.expert_fraction
         slip = rng.random() < spec.slip_rate  # drawn for every conversation: streams stay aligned
-        if expert or not (slip and has_final_carry(problem.a, problem.b, spec.digits)):
+        if expert or not (slip and problem.has_repeats):
             yield problem, EXPERT if expert else SUBOPTIMAL, problem.answer
         else:
-            yield problem, SUBOPTIMAL, drop_final_carry(problem.a, problem.b, spec.digits)
+            yield problem, SUBOPTIMAL, drop_repeats(problem.digits)
 
 
-def _test_problems(spec: TaskSpec, rng: np.random.Generator, taken: set[tuple[int, int]]) -> list[Problem]:
+def _test_problems(spec: TaskSpec, rng: np.random.Generator, taken: set[str]) -> list[Problem]:
     out: list[Problem] = []
     while len(out) < spec.num_test:
-        p = _draw_problem(rng, spec.digits)
-        if _key(p) not in taken:
-            taken.add(_key(p))
+        p = _draw_problem(rng, spec)
+        if p.answer not in taken:
+            taken.add(p.answer)
             out.append(p)
     return out
 
@@ -166,15 +159,15 @@ def generate(spec: TaskSpec, out_dir: str | Path) -> DemoData:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_seq, test_seq = np.random.SeedSequence(spec.seed).spawn(2)
-    counts = {s: {"conversations": 0, "wrong": 0, "final_carry": 0} for s in (EXPERT, SUBOPTIMAL)}
+    counts: dict[str, Any] = {s: {"conversations": 0, "wrong": 0, "repeats": 0} for s in (EXPERT, SUBOPTIMAL)}
     rows = []
-    taken: set[tuple[int, int]] = set()
+    taken: set[str] = set()
     for i, (problem, source, answer) in enumerate(iter_train(spec, np.random.default_rng(train_seq))):
-        taken.add(_key(problem))
+        taken.add(problem.answer)
         c = counts[source]
         c["conversations"] += 1
         c["wrong"] += answer != problem.answer
-        c["final_carry"] += has_final_carry(problem.a, problem.b, spec.digits)
+        c["repeats"] += problem.has_repeats
         rows.append({
             "id": f"train-{i:05d}",
             LABEL_FIELD: source,
@@ -186,11 +179,9 @@ def generate(spec: TaskSpec, out_dir: str | Path) -> DemoData:
         {"id": f"test-{i:05d}", "messages": [{"role": "user", "content": p.question}]} for i, p in enumerate(test)
     ])
     _write_jsonl(out_dir / TEST_REFERENCES_FILE, [
-        {"id": f"test-{i:05d}", "reference": p.answer, "final_carry": has_final_carry(p.a, p.b, spec.digits)}
-        for i, p in enumerate(test)
+        {"id": f"test-{i:05d}", "reference": p.answer, "repeats": p.has_repeats} for i, p in enumerate(test)
     ])
-    counts["test"] = {"questions": len(test),
-                      "final_carry": sum(has_final_carry(p.a, p.b, spec.digits) for p in test)}
+    counts["test"] = {"questions": len(test), "repeats": sum(p.has_repeats for p in test)}
     return DemoData(out_dir / TRAIN_FILE, out_dir / TEST_PROMPTS_FILE, out_dir / TEST_REFERENCES_FILE, counts)
 
 
@@ -226,7 +217,7 @@ def _read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
 
 
 def read_references(path: str | Path) -> dict[str, dict]:
-    """id -> reference row ({"reference": str, "final_carry": bool})."""
+    """id -> reference row ({"reference": str, "repeats": bool})."""
     out = {}
     for where, obj in _read_jsonl(path):
         if not isinstance(obj.get("id"), str) or not isinstance(obj.get("reference"), str):
@@ -248,7 +239,7 @@ def read_answers(path: str | Path) -> dict[str, str]:
 
 def score_files(answers_path: str | Path, references_path: str | Path) -> dict[str, float]:
     """Exact match of a generate output against the references: overall, and on the questions
-    whose sum has a final carry / has none. Every reference must have an answer."""
+    where a digit repeats / none does. Every reference must have an answer."""
     answers = read_answers(answers_path)
     refs = read_references(references_path)
     missing = sorted(set(refs) - set(answers))
@@ -256,18 +247,18 @@ def score_files(answers_path: str | Path, references_path: str | Path) -> dict[s
         raise DataError(f"{answers_path}: no answer for {len(missing)} test question(s), e.g. {missing[0]}")
     ids = sorted(refs)
     result = {"exact_match": score([answers[i] for i in ids], [refs[i]["reference"] for i in ids])}
-    for name, want in (("exact_match_final_carry", True), ("exact_match_no_final_carry", False)):
-        sub = [i for i in ids if bool(refs[i].get("final_carry")) == want]
+    for name, want in (("exact_match_repeats", True), ("exact_match_no_repeats", False)):
+        sub = [i for i in ids if bool(refs[i].get("repeats")) == want]
         result[name] = score([answers[i] for i in sub], [refs[i]["reference"] for i in sub]) if sub else float("nan")
     return result
 
 
 def vocabulary_words() -> list[str]:
-    """Whole words of the questions (for the demo tokenizer): everything but the operands."""
+    """Whole words of the questions (for the demo tokenizer): everything but the digits."""
     words: list[str] = []
     for q in QUESTIONS:
-        for w in q.format(a="", b="").split():
+        for w in q.format(x="").split():
             w = w.strip(".?")
-            if w and not w.isdigit():
+            if w:
                 words.append(w)
     return list(dict.fromkeys(words))
