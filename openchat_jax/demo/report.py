@@ -12,6 +12,29 @@ import numpy as np
 from openchat_jax.demo import tasks
 from openchat_jax.demo.run import PLAIN, VARIANTS, RunResult
 
+SHORT_TITLES = {
+    "sft_all": "SFT\n(all data)",
+    "sft_expert": "SFT\n(expert only)",
+    "no_weights": "C-RLFT\nw/o rewards",
+    "no_conditions": "C-RLFT\nw/o conditions",
+    "crlft": "C-RLFT",
+}
+
+
+def load_results(path: str | Path) -> list[RunResult]:
+    """The runs recorded in a demo's results.json (to redraw the table or the plot)."""
+    import json
+
+    return [RunResult(**r) for r in json.loads(Path(path).read_text())["results"]]
+
+
+def _smooth(values: Sequence[float], alpha: float = 0.2) -> list[float]:
+    out, ema = [], None
+    for v in values:
+        ema = v if ema is None else alpha * v + (1 - alpha) * ema
+        out.append(ema)
+    return out
+
 
 def _by_variant(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
     out: dict[str, list[RunResult]] = {}
@@ -90,7 +113,7 @@ def plot(results: Sequence[RunResult], path: str | Path) -> Path:
 
     groups = _by_variant(results)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.2, 1]})
     for i, (key, runs) in enumerate(groups.items()):
         color = colors[i % len(colors)]
         for cls, style in ((tasks.EXPERT, "-"), (tasks.SUBOPTIMAL, "--")):
@@ -103,13 +126,13 @@ def plot(results: Sequence[RunResult], path: str | Path) -> Path:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             mean = [float(np.mean([c[s] for c in curves])) for s in steps]
-            ax_loss.plot(steps, mean, style, color=color, lw=1.6,
-                         label=f"{VARIANTS[key].title}: {cls} conversations")
+            ax_loss.plot(steps, _smooth(mean), style, color=color, lw=2.0 if key == "crlft" else 1.2,
+                         label=f"{SHORT_TITLES.get(key, key).replace(chr(10), ' ')}: {cls}")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training cross-entropy per supervised token")
+    ax_loss.set_ylabel("training cross-entropy per supervised token (EMA)")
     ax_loss.set_title("Per-class training loss (solid: expert, dashed: sub-optimal)")
-    ax_loss.legend(fontsize=7, loc="upper right")
+    ax_loss.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     ax_loss.grid(alpha=0.3)
 
     keys = list(groups)
@@ -126,11 +149,10 @@ def plot(results: Sequence[RunResult], path: str | Path) -> Path:
             ax_acc.bar(x, 100 * float(np.mean(vals)), width, color=colors[i % len(colors)], hatch=hatch,
                        alpha=0.85 if j == 0 else 0.45, edgecolor="black", label=label if i == len(keys) - 1 else None)
             ax_acc.scatter([x] * len(vals), [100 * v for v in vals], color="black", s=10, zorder=3)
-            ax_acc.text(x, 100 * float(np.mean(vals)) + 1.5, f"{100 * np.mean(vals):.0f}", ha="center", fontsize=8)
+            ax_acc.text(x, 100 * float(np.mean(vals)) + 2, f"{100 * np.mean(vals):.0f}", ha="center", fontsize=8)
     ax_acc.set_xticks(range(len(keys)))
-    ax_acc.set_xticklabels([VARIANTS[k].title.replace(" w/o ", "\nw/o ").replace(", ", ",\n") for k in keys],
-                           fontsize=8)
-    ax_acc.set_ylim(0, 105)
+    ax_acc.set_xticklabels([SHORT_TITLES.get(k, k) for k in keys], fontsize=8)
+    ax_acc.set_ylim(0, 110)
     ax_acc.set_ylabel("exact match on held-out questions (%)")
     n_seeds = len({r.seed for r in results})
     ax_acc.set_title(f"Greedy answers by prompt condition ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
