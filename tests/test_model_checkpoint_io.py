@@ -148,3 +148,16 @@ def test_missing_leaf_on_disk_is_named(saved, tmp_path):
     shutil.rmtree(copy / "params" / "blocks.wv")
     with pytest.raises(CheckpointError, match=r"missing tensor blocks\.wv"):
         checkpoint_io.load_params(str(copy))
+
+
+def test_relative_folder_saves_and_loads(saved, tmp_path, monkeypatch):
+    """`--out runs/x` is relative; orbax alone refuses relative checkpoint paths."""
+    folder, expected = saved
+    params, _ = checkpoint_io.load_params(str(folder))
+    monkeypatch.chdir(tmp_path)
+    checkpoint_io.save_params("runs/weights", params, CFG)
+    assert (tmp_path / "runs" / "weights" / checkpoint_io.MODEL_CONFIG).exists()
+    again, cfg = checkpoint_io.load_params("runs/weights")
+    assert cfg == CFG
+    for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(got, want)

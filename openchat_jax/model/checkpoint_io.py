@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -114,7 +115,9 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 def _leaf_dir(root: epath.Path, path: LeafPath) -> epath.Path:
-    return root / PARAMS / ".".join(path)
+    leaf = root / PARAMS / ".".join(path)
+    # orbax refuses relative paths ("Checkpoint path should be absolute"); cloud paths already are.
+    return leaf if "://" in str(leaf) else epath.Path(os.path.abspath(leaf))
 
 
 def save_params(
