@@ -17,6 +17,63 @@ import jax.numpy as jnp
 AttendFn = Callable[..., jax.Array]
 
 
+def _attention_mask(L: int, S: int, q_segment_ids_BxL: jax.Array, kv_segment_ids_BxS: jax.Array,
+                    q_offset: jax.Array | int) -> jax.Array:
+    """[B, 1, 1, L, S]: key j visible to query i (causal at slot q_offset + i, same segment)."""
+    q_slot_L = jnp.arange(L) + q_offset
+    causal_LxS = jnp.arange(S)[None, :] <= q_slot_L[:, None]
+    same_segment_BxLxS = q_segment_ids_BxL[:, :, None] == kv_segment_ids_BxS[:, None, :]
+    return (causal_LxS[None] & same_segment_BxLxS)[:, None, None]
+
+
+def _masked_scores(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
+    D = q_BxLxKxGxD.shape[-1]
+    scores_BxKxGxLxS = jnp.einsum(
+        "blkgd,bskd->bkgls", q_BxLxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
+    ) * (D**-0.5)
+    return jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def _attend(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
+    scores_BxKxGxLxS = _masked_scores(q_BxLxKxGxD, k_BxSxKxD, mask_Bx1x1xLxS)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxD.dtype)
+    return jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxD)
+
+
+def _attend_fwd(q, k, v, mask):
+    scores_BxKxGxLxS = _masked_scores(q, k, mask)
+    max_BxKxGxL = jnp.max(scores_BxKxGxLxS, axis=-1)
+    exp_BxKxGxLxS = jnp.exp(scores_BxKxGxLxS - max_BxKxGxL[..., None])
+    sum_BxKxGxL = jnp.sum(exp_BxKxGxLxS, axis=-1)
+    probs_BxKxGxLxS = (exp_BxKxGxLxS / sum_BxKxGxL[..., None]).astype(v.dtype)
+    out_BxLxKxGxD = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v)
+    lse_BxKxGxL = max_BxKxGxL + jnp.log(sum_BxKxGxL)
+    # Saved: the inputs and the row log-sum-exp, not the [B, K, G, L, S] probabilities (which a
+    # layer scan would otherwise stack for every layer); the backward recomputes them.
+    return out_BxLxKxGxD, (q, k, v, mask, out_BxLxKxGxD, lse_BxKxGxL)
+
+
+def _attend_bwd(res, dout_BxLxKxGxD):
+    """The standard softmax-attention backward: dS = P * (dP - rowsum(dO * O))."""
+    q, k, v, mask, out_BxLxKxGxD, lse_BxKxGxL = res
+    D = q.shape[-1]
+    probs_BxKxGxLxS = jnp.exp(_masked_scores(q, k, mask) - lse_BxKxGxL[..., None])
+    dout = dout_BxLxKxGxD.astype(v.dtype)
+    dv_BxSxKxD = jnp.einsum("bkgls,blkgd->bskd", probs_BxKxGxLxS.astype(v.dtype), dout,
+                            preferred_element_type=jnp.float32)
+    dprobs_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", dout, v, preferred_element_type=jnp.float32)
+    delta_BxLxKxG = jnp.sum(dout_BxLxKxGxD.astype(jnp.float32) * out_BxLxKxGxD.astype(jnp.float32), axis=-1)
+    delta_BxKxGxL = jnp.transpose(delta_BxLxKxG, (0, 2, 3, 1))
+    dscores_BxKxGxLxS = (probs_BxKxGxLxS * (dprobs_BxKxGxLxS - delta_BxKxGxL[..., None]) * (D**-0.5)).astype(q.dtype)
+    dq = jnp.einsum("bkgls,bskd->blkgd", dscores_BxKxGxLxS, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgls,blkgd->bskd", dscores_BxKxGxLxS, q, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv_BxSxKxD.astype(v.dtype), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 def xla_attention(
     q_BxLxHxD: jax.Array,
     k_BxSxKxD: jax.Array,
@@ -25,25 +82,32 @@ def xla_attention(
     kv_segment_ids_BxS: jax.Array,
     q_offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """Reference backend: plain einsums, softmax in float32."""
+    """Reference backend: plain einsums, softmax in float32, and a hand-written backward that
+    keeps only the row log-sum-exp for the gradient (it recomputes the probabilities)."""
     B, L, H, D = q_BxLxHxD.shape
     S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-    G = H // K
-    q_BxLxKxGxD = q_BxLxHxD.reshape(B, L, K, G, D)
-    scores_BxKxGxLxS = jnp.einsum(
-        "blkgd,bskd->bkgls", q_BxLxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
-    ) * (D**-0.5)
-    q_slot_L = jnp.arange(L) + q_offset
-    causal_LxS = jnp.arange(S)[None, :] <= q_slot_L[:, None]
-    same_segment_BxLxS = q_segment_ids_BxL[:, :, None] == kv_segment_ids_BxS[:, None, :]
-    mask_Bx1x1xLxS = (causal_LxS[None] & same_segment_BxLxS)[:, None, None]
-    scores_BxKxGxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxD.dtype)
-    out_BxLxKxGxD = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxD)
+    mask = _attention_mask(L, S, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset)
+    out_BxLxKxGxD = _attend(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask)
     return out_BxLxKxGxD.reshape(B, L, H, D)
 
 
-_BACKENDS: dict[str, AttendFn] = {"xla": xla_attention}
+def xla_attention_autodiff(
+    q_BxLxHxD: jax.Array,
+    k_BxSxKxD: jax.Array,
+    v_BxSxKxD: jax.Array,
+    q_segment_ids_BxL: jax.Array,
+    kv_segment_ids_BxS: jax.Array,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """`xla_attention`'s forward differentiated by JAX (the reference for its backward)."""
+    B, L, H, D = q_BxLxHxD.shape
+    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    mask = _attention_mask(L, S, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset)
+    out_BxLxKxGxD = _attend.fun(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask)
+    return out_BxLxKxGxD.reshape(B, L, H, D)
+
+
+_BACKENDS: dict[str, AttendFn] = {"xla": xla_attention, "xla_autodiff": xla_attention_autodiff}
 
 
 def register_backend(name: str, fn: AttendFn) -> None:

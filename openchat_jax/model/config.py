@@ -11,7 +11,7 @@ import ml_collections
 from openchat_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "minimal")
-ATTENTION_BACKENDS = ("xla", "splash", "cudnn")
+ATTENTION_BACKENDS = ("xla", "xla_autodiff", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)

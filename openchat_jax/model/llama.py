@@ -139,6 +139,12 @@ def _remat(fn, policy: str, scanned: bool):
     return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
 
 
+def lm_head(x_BxLxE: jax.Array, lm_head_ExV: jax.Array) -> jax.Array:
+    """Logits [B, L, V], accumulated and returned in float32."""
+    logits_BxLxV = jnp.einsum("ble,ev->blv", x_BxLxE, lm_head_ExV, preferred_element_type=jnp.float32)
+    return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
     """An empty KV cache: slots hold segment id 0 until written, so they are never attended to."""
     dtype = cfg.compute_dtype if dtype is None else dtype
@@ -160,8 +166,10 @@ def forward(
     cache: Cache | None = None,
     cache_index: jax.Array | int = 0,
     return_hidden: bool = False,
+    apply_lm_head: bool = True,
 ):
-    """Logits [B, L, V] in float32.
+    """Logits [B, L, V] in float32 (with `apply_lm_head=False`: the final-normed hidden states
+    [B, L, E] in the compute dtype, for a loss that applies the LM head itself).
 
     With `cache`, the new keys/values are written at slots [cache_index, cache_index + L) and the
     queries attend to every slot written so far; returns (logits, new_cache). With
@@ -230,12 +238,7 @@ def forward(
         hidden = jnp.stack(hiddens) if return_hidden else None
 
     x_BxLxE = rms_norm(x_BxLxE, params["final_norm"], cfg.rms_norm_eps)
-    logits_BxLxV = jnp.einsum(
-        "ble,ev->blv", x_BxLxE, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32
-    )
-    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "vocab"))
-
-    outputs: list[Any] = [logits_BxLxV]
+    outputs: list[Any] = [lm_head(x_BxLxE, params["lm_head"].astype(dtype)) if apply_lm_head else x_BxLxE]
     if cache is not None:
         outputs.append({"k": new_kvs[0], "v": new_kvs[1], "segment_ids": kv_segment_ids_BxS})
     if return_hidden:

@@ -42,6 +42,12 @@ def train_defaults() -> ml_collections.ConfigDict:
         "decay_embeddings": True,  # False: no weight decay on embed / lm_head
         "grad_clip": 1.0,
         "weighted": True,
+        # The LM head applied inside the loss, whose logits gradient is formed in the forward pass
+        # (no [B, L, V] logits kept for the backward); False = plain autodiff of logits -> loss.
+        "fused_head_loss": True,
+        # > 0: the fused head loss walks each row in chunks of this many positions (must divide
+        # data.max_length), bounding its [B, chunk, V] temporaries; 0 = whole rows.
+        "loss_chunk_length": 0,
         # (set in base_config: a reference to data.conditioned)
         "log_every": 1,
         "progress": True,

@@ -38,7 +38,9 @@ from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train.loss import BATCH_KEYS
 from openchat_jax.train.metrics import MetricsWriter, ProgressBar, named_scalars
 from openchat_jax.train.optimizer import make_optimizer
-from openchat_jax.train.step import StepFn, TrainState, abstract_train_state, init_train_state, make_train_step
+from openchat_jax.train.step import (
+    StepFn, TrainState, abstract_train_state, init_train_state, loss_options, make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +264,7 @@ def build_run(
     tx, schedule, peak_lr = make_optimizer(config.train, total_steps, B * seq_len)
     step_fn = make_train_step(
         model_cfg, tx, schedule, mesh, num_classes=len(class_names), micro_batches=M, weighted=config.train.weighted,
+        **loss_options(config.train, seq_len),
     )
     return Run(
         config=config, model_cfg=model_cfg, mesh=mesh, loader=loader, dataset_info=info, class_names=class_names,

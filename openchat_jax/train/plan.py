@@ -245,7 +245,8 @@ def xla_flops_per_step(
         cfg = model_cfg.replace(num_layers=layers, scan_layers=False)
         tx, schedule, _ = make_optimizer(config.train, _PLACEHOLDER_STEPS, B * L)
         fn = step_lib.make_train_step(
-            cfg, tx, schedule, mesh, num_classes=num_classes, micro_batches=1, weighted=config.train.weighted
+            cfg, tx, schedule, mesh, num_classes=num_classes, micro_batches=1, weighted=config.train.weighted,
+            **step_lib.loss_options(config.train, L),
         )
         flops = _lowered_flops(fn.lower(step_lib.abstract_train_state(cfg, tx, mesh), abstract_batch(B, L, mesh)))
         if flops is None:
@@ -340,7 +341,8 @@ def _plan_step(
     grads_bytes = params_bytes  # same shapes and shardings, accumulated in the param dtype
 
     fn = step_lib.make_train_step(
-        model_cfg, tx, schedule, mesh, num_classes=num_classes, micro_batches=M, weighted=config.train.weighted
+        model_cfg, tx, schedule, mesh, num_classes=num_classes, micro_batches=M, weighted=config.train.weighted,
+        **step_lib.loss_options(config.train, L),
     )
     t0 = time.perf_counter()
     lowered = fn.lower(state, batch)

@@ -16,6 +16,7 @@ gradient norm is not finite, params and optimizer state come back unchanged and 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable
 
 import jax
@@ -23,12 +24,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import forward, init_params, param_shapes
 from openchat_jax.model.partitioning import Rules, constrain, use_rules
 from openchat_jax.train import mesh as mesh_lib
-from openchat_jax.train.loss import BATCH_KEYS, loss_sums, sums_to_metrics, token_weights, zero_sums
+from openchat_jax.train.loss import BATCH_KEYS, head_loss_sums, loss_sums, sums_to_metrics, token_weights, zero_sums
 from openchat_jax.train.optimizer import Schedule, schedule_count
+
+log = logging.getLogger(__name__)
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -140,16 +144,26 @@ def train_step(
     micro_batches: int = 1,
     weighted: bool = True,
     param_shardings: Any = None,
+    fused_head: bool = True,
+    loss_chunk_length: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The un-jitted step (see module doc). Call under `use_rules` to shard activations."""
+    """The un-jitted step (see module doc). Call under `use_rules` to shard activations.
+    `fused_head`: the LM head is applied inside the loss (`loss.head_loss_sums`, chunks of
+    `loss_chunk_length` positions); False differentiates logits -> `loss_sums` as written."""
     params = state["params"]
     batch = {k: batch[k] for k in BATCH_KEYS}
     batch["weights"] = token_weights(batch["weights"], weighted)
     denominator = batch["weights"].sum()  # the whole step's sum(w), before any micro-batching
 
     def micro_loss(p: Any, mb: Batch) -> tuple[jax.Array, dict]:
-        logits = forward(_gather_embedding(p), model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"])
-        sums = loss_sums(logits, mb["targets"], mb["weights"], mb["class_ids"], num_classes)
+        p = _gather_embedding(p)
+        if fused_head:
+            x = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"], apply_lm_head=False)
+            sums = head_loss_sums(x, p["lm_head"].astype(model_cfg.compute_dtype), mb["targets"], mb["weights"],
+                                  mb["class_ids"], num_classes, loss_chunk_length)
+        else:
+            logits = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"])
+            sums = loss_sums(logits, mb["targets"], mb["weights"], mb["class_ids"], num_classes)
         return sums["wce"] / denominator, sums
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -190,6 +204,25 @@ def train_step(
     return new_state, metrics
 
 
+def loss_options(train_cfg: Any, seq_len: int) -> dict[str, Any]:
+    """The train config's loss implementation fields, as `make_train_step` keyword arguments.
+    `train.loss_chunk_length` is an upper bound: the chunk is its largest divisor of the sequence
+    length, or the whole row when no divisor is at least half of it."""
+    chunk = train_cfg.get("loss_chunk_length", 0)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ConfigError(f"train.loss_chunk_length={chunk!r} must be an int >= 0 (0 = whole rows)")
+    if 0 < chunk < seq_len:
+        divisor = max(d for d in range(1, chunk + 1) if seq_len % d == 0)
+        if divisor < chunk // 2:
+            log.warning("train.loss_chunk_length=%d: sequence length %d has no divisor in [%d, %d]; "
+                        "the fused loss takes whole rows", chunk, seq_len, chunk // 2, chunk)
+            divisor = 0
+        chunk = divisor
+    else:
+        chunk = 0
+    return {"fused_head": bool(train_cfg.get("fused_head_loss", True)), "loss_chunk_length": chunk}
+
+
 def make_train_step(
     model_cfg: LlamaConfig,
     tx: optax.GradientTransformation,
@@ -201,6 +234,8 @@ def make_train_step(
     weighted: bool = True,
     rules: Rules = mesh_lib.LOGICAL_AXIS_RULES,
     donate: bool = True,
+    fused_head: bool = True,
+    loss_chunk_length: int = 0,
 ) -> StepFn:
     """jit(train_step) with the state's and batch's shardings fixed; the state is donated."""
     shardings = state_shardings(model_cfg, tx, mesh, rules)
@@ -210,6 +245,7 @@ def make_train_step(
             return train_step(
                 state, batch, model_cfg=model_cfg, tx=tx, schedule=schedule, num_classes=num_classes,
                 micro_batches=micro_batches, weighted=weighted, param_shardings=shardings["params"],
+                fused_head=fused_head, loss_chunk_length=loss_chunk_length,
             )
 
     return jax.jit(

@@ -1,0 +1,102 @@
+"""The fused LM-head loss (`loss.head_loss_sums`) against the plain one (`loss_sums` of the
+logits, differentiated by JAX), and the config's choice of its chunk length."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from openchat_jax.errors import ConfigError
+from openchat_jax.model.llama import lm_head
+from openchat_jax.train import loss as loss_lib
+from openchat_jax.train.step import loss_options
+
+B, L, E, V, C = 3, 16, 24, 70, 2
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((B, L, E)), jnp.float32)
+    w_head = jnp.asarray(rng.standard_normal((E, V)) / np.sqrt(E), jnp.float32)
+    targets = rng.integers(0, V, (B, L)).astype(np.int32)
+    weights = np.where(rng.random((B, L)) < 0.6, 1.0, 0.0) * np.where(rng.random((B, L)) < 0.5, 1.0, 0.1)
+    class_ids = rng.integers(0, C, (B, L)).astype(np.int32)
+    # Padding: no weight, an out-of-vocabulary target, class -1.
+    weights[2, 10:], targets[2, 10:], class_ids[2, 10:] = 0.0, 10**6, -1
+    return x, w_head, jnp.asarray(targets), jnp.asarray(weights, jnp.float32), jnp.asarray(class_ids)
+
+
+def _plain(x, w_head, t, w, c):
+    sums = loss_lib.loss_sums(lm_head(x, w_head), t, w, c, C)
+    return sums["wce"], sums
+
+
+@pytest.mark.parametrize("chunk", [0, 4, 8, 16])
+def test_fused_head_loss_equals_plain_loss_and_gradient(inputs, chunk):
+    x, w_head, t, w, c = inputs
+
+    def fused(x, w_head):
+        sums = loss_lib.head_loss_sums(x, w_head, t, w, c, C, chunk)
+        return sums["wce"], sums
+
+    (ref, ref_sums), ref_grads = jax.value_and_grad(lambda a, b: _plain(a, b, t, w, c), argnums=(0, 1), has_aux=True)(x, w_head)
+    (got, got_sums), got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(x, w_head)
+    assert np.isfinite(float(got)) and float(got) == pytest.approx(float(ref), rel=1e-6)
+    for key in ref_sums:
+        np.testing.assert_allclose(np.asarray(got_sums[key]), np.asarray(ref_sums[key]), rtol=1e-6, atol=1e-6, err_msg=key)
+    for name, a, b in zip(("x", "lm_head"), got_grads, ref_grads):
+        assert np.abs(np.asarray(b)).max() > 1e-2, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6, err_msg=name)
+    # Padded positions get no gradient.
+    assert not np.asarray(got_grads[0])[2, 10:].any()
+
+
+def test_fused_head_loss_top1_and_class_sums_match_numpy(inputs):
+    x, w_head, t, w, c = inputs
+    sums = jax.jit(lambda *a: loss_lib.head_loss_sums(*a, C, 8))(x, w_head, t, w, c)
+    logits = np.asarray(x, np.float64) @ np.asarray(w_head, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    t_np, w_np, c_np = np.asarray(t), np.asarray(w), np.asarray(c)
+    sup = w_np > 0
+    ce = -np.take_along_axis(logp, np.where(sup, t_np, 0)[..., None], -1)[..., 0]
+    correct = (logits.argmax(-1) == t_np) & sup
+    for k in range(C):
+        sel = sup & (c_np == k)
+        assert float(sums["class_wce"][k]) == pytest.approx((w_np * ce)[sel].sum(), rel=1e-5)
+        assert float(sums["class_correct"][k]) == correct[sel].sum()
+        assert float(sums["class_tokens"][k]) == sel.sum() > 0
+
+
+def test_only_the_total_carries_a_gradient(inputs):
+    """Per-class sums are metrics: differentiating one gives zero, by design (documented)."""
+    x, w_head, t, w, c = inputs
+    g = jax.grad(lambda a: loss_lib.head_loss_sums(a, w_head, t, w, c, C)["class_wce"][0])(x)
+    assert not np.asarray(g).any()
+
+
+def test_bfloat16_compute_keeps_gradient_dtypes(inputs):
+    x, w_head, t, w, c = inputs
+    xb, wb = x.astype(jnp.bfloat16), w_head.astype(jnp.bfloat16)
+    gx, gw = jax.grad(lambda a, b: loss_lib.head_loss_sums(a, b, t, w, c, C, 8)["wce"], argnums=(0, 1))(xb, wb)
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+    _, (rx, rw) = jax.value_and_grad(lambda a, b: _plain(a, b, t, w, c)[0], argnums=(0, 1))(x, w_head)
+    for a, b in ((gx, rx), (gw, rw)):
+        a, b = np.asarray(a, np.float32), np.asarray(b)
+        assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
+
+
+def test_loss_options_pick_a_dividing_chunk_or_refuse():
+    cfg = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
+    assert loss_options(cfg(), 4096) == {"fused_head": True, "loss_chunk_length": 0}
+    assert loss_options(cfg(loss_chunk_length=512), 4096)["loss_chunk_length"] == 512
+    assert loss_options(cfg(loss_chunk_length=512), 128)["loss_chunk_length"] == 0  # shorter rows: whole rows
+    assert loss_options(cfg(loss_chunk_length=512), 1000)["loss_chunk_length"] == 500
+    assert loss_options(cfg(loss_chunk_length=100), 1009)["loss_chunk_length"] == 0  # prime length: whole rows
+    assert loss_options(cfg(fused_head_loss=False), 64)["fused_head"] is False
+    for bad in (-1, 1.5, True, "128"):
+        with pytest.raises(ConfigError, match="loss_chunk_length"):
+            loss_options(cfg(loss_chunk_length=bad), 512)
