@@ -21,5 +21,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.max_length = 512
     config.train.global_batch_size = 8
     config.train.micro_batches = 1
+    config.train.loss_chunk_length = 128  # fastest of 0/128/256 on the 2-core CPU (docs/benchmarks.md)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     return config

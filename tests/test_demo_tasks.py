@@ -34,6 +34,13 @@ def _counting_sort(digits: str, keep_repeats: bool) -> str:
     return "".join(str(d) * (c if keep_repeats else min(c, 1)) for d, c in enumerate(counts))
 
 
+def _slipped(digits: str, slip: str) -> str:
+    """Independent reference for each slip of the sub-optimal source."""
+    if slip == "drop_repeats":
+        return _counting_sort(digits, False)
+    return _counting_sort(digits, True)[::-1]  # descending
+
+
 def _binomial_ok(k: int, n: int, p: float, sigmas: float = 4.5) -> bool:
     return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
 
@@ -49,9 +56,10 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
     assert a.counts == b.counts
 
 
-def test_sources_answers_and_error_rates_match_the_spec(tmp_path):
+@pytest.mark.parametrize("slip", ["descending", "drop_repeats"])
+def test_sources_answers_and_error_rates_match_the_spec(tmp_path, slip):
     spec = TaskSpec(num_train=6000, num_test=50, min_length=4, max_length=9, expert_fraction=0.1,
-                    slip_rate=0.7, seed=0)
+                    slip_rate=0.7, slip=slip, seed=0)
     data = tasks.generate(spec, tmp_path)
     rows = _read(data.train)
     assert len(rows) == 6000
@@ -67,10 +75,10 @@ def test_sources_answers_and_error_rates_match_the_spec(tmp_path):
         digits = _digits(user["content"])
         lengths.add(len(digits))
         phrasings.add(QUESTION_RE.sub("#", user["content"]))
-        right, slipped = _counting_sort(digits, True), _counting_sort(digits, False)
+        right, slipped = _counting_sort(digits, True), _slipped(digits, slip)
         if r["source"] == "expert":
             assert asst["content"] == right, r
-        elif right == slipped:  # no repeated digit: the careless source is right too
+        elif right == slipped:  # nothing to slip on (no repeat to drop, one digit only): right too
             assert asst["content"] == right, r
         else:
             sub_repeats += 1
@@ -83,15 +91,21 @@ def test_sources_answers_and_error_rates_match_the_spec(tmp_path):
     counts = data.counts
     assert counts["expert"]["conversations"] == n_expert and counts["expert"]["wrong"] == 0
     assert counts["suboptimal"]["wrong"] == sub_wrong
-    assert counts["suboptimal"]["repeats"] == sub_repeats
+    if slip == "drop_repeats":
+        assert counts["suboptimal"]["repeats"] == sub_repeats
 
 
+@pytest.mark.parametrize("slip", ["descending", "drop_repeats"])
 @pytest.mark.parametrize("slip_rate", [0.0, 1.0])
-def test_slip_rate_extremes(tmp_path, slip_rate):
-    data = tasks.generate(TaskSpec(num_train=500, num_test=10, slip_rate=slip_rate, seed=1), tmp_path)
+def test_slip_rate_extremes(tmp_path, slip_rate, slip):
+    data = tasks.generate(TaskSpec(num_train=500, num_test=10, slip_rate=slip_rate, slip=slip, seed=1), tmp_path)
     c = data.counts["suboptimal"]
-    assert c["repeats"] > 0
-    assert c["wrong"] == (0 if slip_rate == 0.0 else c["repeats"])
+    slippable = sum(
+        r["source"] == "suboptimal" and _slipped(d, slip) != _counting_sort(d, True)
+        for r in _read(data.train) for d in [_digits(r["messages"][0]["content"])]
+    )
+    assert slippable > 0
+    assert c["wrong"] == (0 if slip_rate == 0.0 else slippable)
 
 
 def test_test_split_is_held_out_and_readable(tmp_path):
@@ -164,6 +178,7 @@ def test_score_files(tmp_path):
 
 def test_slip_hand_cases():
     assert tasks.drop_repeats("44557241") == "12457"
+    assert tasks.descending("44557241") == "75544421"
     assert tasks.Problem("44557241", 0).answer == "12444557"
     assert tasks.Problem("44557241", 0).has_repeats and not tasks.Problem("3091", 0).has_repeats
     assert tasks.Problem("0091", 2).question == "What is 0091 with its digits sorted?"
@@ -172,6 +187,8 @@ def test_slip_hand_cases():
 def test_bad_spec_is_a_config_error():
     with pytest.raises(ConfigError, match="slip_rate"):
         TaskSpec(slip_rate=1.5)
+    with pytest.raises(ConfigError, match="slip='reverse'"):
+        TaskSpec(slip="reverse")
     with pytest.raises(ConfigError, match="longer lists"):
         TaskSpec(num_train=200, min_length=2, max_length=2)
     with pytest.raises(ConfigError, match="min_length=5 > max_length=4"):

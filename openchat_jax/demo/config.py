@@ -41,12 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
     train.progress = True
 
     config.demo = ml_collections.ConfigDict({
-        "num_train": 4000,
+        "num_train": 1000,
         "num_test": 200,
         "min_length": 8,  # digits per question
         "max_length": 8,
         "expert_fraction": 0.1,
         "slip_rate": 0.7,
+        "slip": "descending",
         "max_new_tokens": 16,  # answers: "▁" + max_length digits + <|end_of_turn|>
         "generate_batch_size": 64,
     })

@@ -9,12 +9,17 @@ assistant answer (the digits in ascending order, e.g. "12444557"), labelled by i
 
 Two sources, like GPT-4 and GPT-3.5 in the paper:
   expert      (`expert_fraction` of the conversations, 10% by default): always right.
-  suboptimal  (the rest): a careless sorter that treats the digits as a set. When a digit repeats,
-              it writes every distinct digit once with probability `slip_rate` (44557241 ->
-              "12457" instead of "12444557"); otherwise, and whenever no digit repeats, it is
-              right. Its answers are sorted correctly; the mistake is the same every time, so a
-              model trained on the mixture learns it.
+  suboptimal  (the rest): a careless sorter. With probability `slip_rate` it makes its one
+              systematic mistake (`slip`), otherwise it is right:
+                descending    (default) the right digits in the wrong order: 44557241 -> "75544421"
+                drop_repeats  every distinct digit once: 44557241 -> "12457"
+              A question it cannot get wrong that way (all digits equal; no repeated digit to
+              drop) it answers right. The mistake is the same every time, so a model trained on
+              the mixture learns it.
 The question and its phrasing are drawn the same way for both sources; only the answer differs.
+Why "descending" is the default: its wrong answers still demonstrate the hard part of the task
+(keeping every digit with its count), as GPT-3.5's answers still show a lot that GPT-4's do; with
+"drop_repeats" the sub-optimal answers contradict exactly that part (docs/demo.md has both).
 
 The held-out test split has other questions: no test question has the answer (the sorted digits)
 of any train question, nor of another test question. `test_prompts.jsonl` is in the
@@ -65,7 +70,8 @@ class TaskSpec:
     min_length: int = 8  # digits per question, drawn uniformly from [min_length, max_length]
     max_length: int = 8
     expert_fraction: float = 0.1
-    slip_rate: float = 0.7  # P(the sub-optimal source drops repeated digits | a digit repeats)
+    slip_rate: float = 0.7  # P(the sub-optimal source makes its mistake | the mistake is possible)
+    slip: str = "descending"  # the sub-optimal source's mistake: one of SLIPS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +81,8 @@ class TaskSpec:
                 raise ConfigError(f"demo task {name}={value!r} must be a positive integer")
         if self.min_length > self.max_length:
             raise ConfigError(f"demo task min_length={self.min_length} > max_length={self.max_length}")
+        if self.slip not in SLIPS:
+            raise ConfigError(f"demo task slip={self.slip!r}: choose one of {sorted(SLIPS)}")
         for name in ("expert_fraction", "slip_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -116,8 +124,16 @@ class DemoData:
 
 
 def drop_repeats(digits: str) -> str:
-    """The sub-optimal source's slip: every distinct digit once, in ascending order."""
+    """Slip "drop_repeats": every distinct digit once, in ascending order."""
     return "".join(sorted(set(digits)))
+
+
+def descending(digits: str) -> str:
+    """Slip "descending": the right digits, sorted the wrong way round."""
+    return "".join(sorted(digits, reverse=True))
+
+
+SLIPS = {"descending": descending, "drop_repeats": drop_repeats}
 
 
 def _draw_problem(rng: np.random.Generator, spec: TaskSpec) -> Problem:
@@ -132,10 +148,11 @@ def iter_train(spec: TaskSpec, rng: np.random.Generator) -> Iterator[tuple[Probl
         problem = _draw_problem(rng, spec)
         expert = rng.random() < spec.expert_fraction
         slip = rng.random() < spec.slip_rate  # drawn for every conversation: streams stay aligned
-        if expert or not (slip and problem.has_repeats):
+        wrong = SLIPS[spec.slip](problem.digits)
+        if expert or not slip or wrong == problem.answer:  # e.g. no repeated digit to drop
             yield problem, EXPERT if expert else SUBOPTIMAL, problem.answer
         else:
-            yield problem, SUBOPTIMAL, drop_repeats(problem.digits)
+            yield problem, SUBOPTIMAL, wrong
 
 
 def _test_problems(spec: TaskSpec, rng: np.random.Generator, taken: set[str]) -> list[Problem]:

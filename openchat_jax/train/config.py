@@ -45,9 +45,10 @@ def train_defaults() -> ml_collections.ConfigDict:
         # The LM head applied inside the loss, whose logits gradient is formed in the forward pass
         # (no [B, L, V] logits kept for the backward); False = plain autodiff of logits -> loss.
         "fused_head_loss": True,
-        # > 0: the fused head loss walks each row in chunks of this many positions (must divide
-        # data.max_length), bounding its [B, chunk, V] temporaries; 0 = whole rows.
-        "loss_chunk_length": 0,
+        # > 0: the fused head loss walks each row in chunks of at most this many positions (the
+        # largest divisor of data.max_length not above it), bounding its [B, chunk, V] temporaries;
+        # 0 = whole rows. (128 measured fastest on a 2-core CPU at L=512: docs/benchmarks.md.)
+        "loss_chunk_length": 512,
         # (set in base_config: a reference to data.conditioned)
         "log_every": 1,
         "progress": True,
