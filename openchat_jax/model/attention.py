@@ -9,6 +9,7 @@ causal and never crosses packed conversations. Heads are grouped: H = K * G (GQA
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -74,37 +75,19 @@ def _attend_bwd(res, dout_BxLxKxGxD):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def xla_attention(
-    q_BxLxHxD: jax.Array,
-    k_BxSxKxD: jax.Array,
-    v_BxSxKxD: jax.Array,
-    q_segment_ids_BxL: jax.Array,
-    kv_segment_ids_BxS: jax.Array,
-    q_offset: jax.Array | int = 0,
-) -> jax.Array:
-    """Reference backend: plain einsums, softmax in float32, and a hand-written backward that
-    keeps only the row log-sum-exp for the gradient (it recomputes the probabilities)."""
+def _grouped(core: Callable[..., jax.Array], q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+             q_segment_ids_BxL: jax.Array, kv_segment_ids_BxS: jax.Array, q_offset: jax.Array | int = 0) -> jax.Array:
     B, L, H, D = q_BxLxHxD.shape
     S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     mask = _attention_mask(L, S, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset)
-    out_BxLxKxGxD = _attend(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask)
-    return out_BxLxKxGxD.reshape(B, L, H, D)
+    return core(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask).reshape(B, L, H, D)
 
 
-def xla_attention_autodiff(
-    q_BxLxHxD: jax.Array,
-    k_BxSxKxD: jax.Array,
-    v_BxSxKxD: jax.Array,
-    q_segment_ids_BxL: jax.Array,
-    kv_segment_ids_BxS: jax.Array,
-    q_offset: jax.Array | int = 0,
-) -> jax.Array:
-    """`xla_attention`'s forward differentiated by JAX (the reference for its backward)."""
-    B, L, H, D = q_BxLxHxD.shape
-    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-    mask = _attention_mask(L, S, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset)
-    out_BxLxKxGxD = _attend.fun(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask)
-    return out_BxLxKxGxD.reshape(B, L, H, D)
+# Reference backend: plain einsums, softmax in float32, and a hand-written backward that keeps only
+# the row log-sum-exp for the gradient (it recomputes the probabilities).
+xla_attention: AttendFn = functools.partial(_grouped, _attend)
+# The same forward differentiated by JAX (the reference for the hand-written backward).
+xla_attention_autodiff: AttendFn = functools.partial(_grouped, _attend.fun)
 
 
 _BACKENDS: dict[str, AttendFn] = {"xla": xla_attention, "xla_autodiff": xla_attention_autodiff}
