@@ -1,0 +1,49 @@
+"""Train-step variants side by side: each variant is a list of config overrides; all are compiled
+first, then timed in interleaved rounds in one process (same batch, same load), medians printed.
+
+    python benchmarks/train_step_variants.py --config configs/bench_50m.py --rounds 3 \\
+        "--config.train.fused_head_loss=False --config.model.attention=xla_autodiff" \\
+        "--config.train.loss_chunk_length=0" "--config.train.loss_chunk_length=128"
+
+An empty string is the config as it is. Results: docs/benchmarks.md, "Train step".
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+
+import numpy as np
+
+from openchat_jax.config import load_config
+from openchat_jax.model.config import LlamaConfig
+from openchat_jax.train.bench import JaxStep, bench_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/bench_50m.py")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("variants", nargs="+", help="one quoted string of --config.key=value overrides per variant")
+    args = parser.parse_args()
+    steps = []
+    for text in args.variants:
+        config = load_config(args.config, shlex.split(text))
+        model_cfg = LlamaConfig.from_config_dict(config.model)
+        B, L = int(config.train.global_batch_size), int(config.data.max_length)
+        batch = bench_batch(np.random.default_rng(config.seed), B, L, model_cfg.vocab_size)
+        step = JaxStep(model_cfg, config.train, config.mesh.to_dict(), batch, config.seed)
+        step()  # warm-up
+        steps.append(step)
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(args.rounds):
+        for i, step in enumerate(steps):
+            times[i].append(step())
+    for text, step, t in zip(args.variants, steps, times):
+        print(f"{text or '(config as is)':<90} median {statistics.median(t):7.3f} s  min {min(t):7.3f} s  "
+              f"loss after {len(t) + 1} steps {step.last_loss:.6f}")
+
+
+if __name__ == "__main__":
+    main()
