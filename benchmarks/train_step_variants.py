@@ -2,10 +2,10 @@
 first, then timed in interleaved rounds in one process (same batch, same load), medians printed.
 
     python benchmarks/train_step_variants.py --config configs/bench_50m.py --rounds 3 \\
-        "--config.train.fused_head_loss=False --config.model.attention=xla_autodiff" \\
-        "--config.train.loss_chunk_length=0" "--config.train.loss_chunk_length=128"
+        --variant="--config.train.fused_head_loss=False --config.model.attention=xla_autodiff" \\
+        --variant="--config.train.loss_chunk_length=0" --variant="--config.train.loss_chunk_length=128"
 
-An empty string is the config as it is. Results: docs/benchmarks.md, "Train step".
+(`--variant=...` with "=", since the value starts with "--".) --variant= is the config as it is. Results: docs/benchmarks.md, "Train step".
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/bench_50m.py")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("variants", nargs="+", help="one quoted string of --config.key=value overrides per variant")
+    parser.add_argument("--variant", dest="variants", action="append", required=True,
+                        help='one quoted string of --config.key=value overrides per variant: --variant="--config.a=1"')
     args = parser.parse_args()
     steps = []
     for text in args.variants:
