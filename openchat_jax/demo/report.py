@@ -3,6 +3,7 @@ accuracy under the expert and the sub-optimal condition, as the paper's Fig. 5).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -23,8 +24,6 @@ SHORT_TITLES = {
 
 def load_results(path: str | Path) -> list[RunResult]:
     """The runs recorded in a demo's results.json (to redraw the table or the plot)."""
-    import json
-
     return [RunResult(**r) for r in json.loads(Path(path).read_text())["results"]]
 
 

@@ -82,7 +82,7 @@ def task_spec(config: ml_collections.ConfigDict, seed: int) -> tasks.TaskSpec:
     d = config.demo
     return tasks.TaskSpec(
         num_train=d.num_train, num_test=d.num_test, min_length=d.min_length, max_length=d.max_length,
-        expert_fraction=d.expert_fraction, slip_rate=d.slip_rate, slip=d.get("slip", "descending"), seed=seed,
+        expert_fraction=d.expert_fraction, slip_rate=d.slip_rate, slip=d.get("slip", tasks.TaskSpec.slip), seed=seed,
     )
 
 
@@ -218,11 +218,11 @@ def run_demo(
     prepared: set[Path] = set()  # prepared in this call (an older one may hold other data)
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
-        data = tasks.generate(task_spec(config, seed), seed_dir / "data")
+        spec = task_spec(config, seed)
+        data = tasks.generate(spec, seed_dir / "data")
         c = data.counts
         log(f"seed {seed}: {c['expert']['conversations']} expert + {c['suboptimal']['conversations']} sub-optimal "
-            f"conversations ({c['suboptimal']['wrong']} sub-optimal answers wrong by the slip "
-            f"{config.demo.get('slip', 'descending')!r}), "
+            f"conversations ({c['suboptimal']['wrong']} sub-optimal answers wrong by the slip {spec.slip!r}), "
             f"{c['test']['questions']} held-out questions")
         for key in variants:
             results.append(run_variant(config, VARIANTS[key], seed, data, tokenizer_dir, seed_dir, log, prepared))

@@ -35,16 +35,9 @@ def _masked_scores(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, mask_Bx1x1xLxS:
     return jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
 
 
-@jax.custom_vjp
-def _attend(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
-    scores_BxKxGxLxS = _masked_scores(q_BxLxKxGxD, k_BxSxKxD, mask_Bx1x1xLxS)
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxD.dtype)
-    return jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v_BxSxKxD)
-
-
 def _attend_fwd(q, k, v, mask):
     scores_BxKxGxLxS = _masked_scores(q, k, mask)
-    max_BxKxGxL = jnp.max(scores_BxKxGxLxS, axis=-1)
+    max_BxKxGxL = jax.lax.stop_gradient(jnp.max(scores_BxKxGxLxS, axis=-1))
     exp_BxKxGxLxS = jnp.exp(scores_BxKxGxLxS - max_BxKxGxL[..., None])
     sum_BxKxGxL = jnp.sum(exp_BxKxGxLxS, axis=-1)
     probs_BxKxGxLxS = (exp_BxKxGxLxS / sum_BxKxGxL[..., None]).astype(v.dtype)
@@ -70,6 +63,11 @@ def _attend_bwd(res, dout_BxLxKxGxD):
     dq = jnp.einsum("bkgls,bskd->blkgd", dscores_BxKxGxLxS, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("bkgls,blkgd->bskd", dscores_BxKxGxLxS, q, preferred_element_type=jnp.float32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv_BxSxKxD.astype(v.dtype), None
+
+
+@jax.custom_vjp
+def _attend(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
+    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS)[0]
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

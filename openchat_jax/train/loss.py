@@ -31,16 +31,23 @@ def token_weights(weights_BxL: jax.Array, weighted: bool) -> jax.Array:
     return (weights_BxL > 0).astype(jnp.float32)
 
 
+def _logit_stats(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, ...]:
+    """(row max, exp(logits - max), its row sum, target logit), all float32: what the CE, the
+    top-1 test and the softmax share."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    exp_BxLxV = jnp.exp(logits - max_BxL[..., None])
+    target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return max_BxL, exp_BxLxV, jnp.sum(exp_BxLxV, axis=-1), target_logit_BxL
+
+
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-token -log softmax(logits)[target] in float32, and whether the target is a top-1
     prediction. One max over the vocabulary serves both the log-sum-exp and the top-1 test (an
     argmax would be another, slower, pass over the [B, L, V] logits); a target tied for the
     maximum counts as correct."""
-    logits = logits_BxLxV.astype(jnp.float32)
-    max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-    lse_BxL = max_BxL + jnp.log(jnp.sum(jnp.exp(logits - max_BxL[..., None]), axis=-1))
-    target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return lse_BxL - target_logit_BxL, target_logit_BxL >= max_BxL
+    max_BxL, _, sum_BxL, target_logit_BxL = _logit_stats(logits_BxLxV, targets_BxL)
+    return max_BxL + jnp.log(sum_BxL) - target_logit_BxL, target_logit_BxL >= max_BxL
 
 
 def _sums(ce_BxL: jax.Array, top1_BxL: jax.Array, w_BxL: jax.Array, class_ids_BxL: jax.Array,
@@ -107,10 +114,7 @@ def _head_chunk(x_BxCxE: jax.Array, lm_head_ExV: jax.Array, targets_BxC: jax.Arr
     """One chunk of positions: (sum w*CE, CE, top-1, d(sum w*CE)/dx, d(sum w*CE)/dW); the two
     gradients are None unless `grads`."""
     logits_BxCxV = lm_head(x_BxCxE, lm_head_ExV)
-    max_BxC = jnp.max(logits_BxCxV, axis=-1)
-    exp_BxCxV = jnp.exp(logits_BxCxV - max_BxC[..., None])
-    sum_BxC = jnp.sum(exp_BxCxV, axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    max_BxC, exp_BxCxV, sum_BxC, target_logit_BxC = _logit_stats(logits_BxCxV, targets_BxC)
     ce_BxC = max_BxC + jnp.log(sum_BxC) - target_logit_BxC
     coef_BxC = jnp.where(w_BxC > 0, w_BxC, 0.0).astype(jnp.float32)
     wce = jnp.sum(jnp.where(w_BxC > 0, coef_BxC * ce_BxC, 0.0))
