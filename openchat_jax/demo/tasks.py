@@ -71,7 +71,9 @@ class TaskSpec:
     max_length: int = 8
     expert_fraction: float = 0.1
     slip_rate: float = 0.7  # P(the sub-optimal source makes its mistake | the mistake is possible)
-    slip: str = "descending"  # the sub-optimal source's mistake: one of SLIPS
+    # The sub-optimal source's mistake: one of SLIPS, or several joined by "+" (each slipping
+    # answer then makes one of them, drawn uniformly).
+    slip: str = "descending"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,8 +83,8 @@ class TaskSpec:
                 raise ConfigError(f"demo task {name}={value!r} must be a positive integer")
         if self.min_length > self.max_length:
             raise ConfigError(f"demo task min_length={self.min_length} > max_length={self.max_length}")
-        if self.slip not in SLIPS:
-            raise ConfigError(f"demo task slip={self.slip!r}: choose one of {sorted(SLIPS)}")
+        if not self.slips or any(name not in SLIPS for name in self.slips):
+            raise ConfigError(f"demo task slip={self.slip!r}: choose one of {sorted(SLIPS)}, or several joined by '+'")
         for name in ("expert_fraction", "slip_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -95,6 +97,10 @@ class TaskSpec:
                 f"answers than lists of {self.min_length}-{self.max_length} digits have ({answers}); "
                 "use longer lists or fewer questions"
             )
+
+    @property
+    def slips(self) -> tuple[str, ...]:
+        return tuple(name for name in self.slip.split("+") if name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +139,12 @@ def descending(digits: str) -> str:
     return "".join(sorted(digits, reverse=True))
 
 
-SLIPS = {"descending": descending, "drop_repeats": drop_repeats}
+def unsorted(digits: str) -> str:
+    """Slip "unsorted": the right digits, left in the order the question gave them (a lazy echo)."""
+    return digits
+
+
+SLIPS = {"descending": descending, "drop_repeats": drop_repeats, "unsorted": unsorted}
 
 
 def _draw_problem(rng: np.random.Generator, spec: TaskSpec) -> Problem:
@@ -148,7 +159,9 @@ def iter_train(spec: TaskSpec, rng: np.random.Generator) -> Iterator[tuple[Probl
         problem = _draw_problem(rng, spec)
         expert = rng.random() < spec.expert_fraction
         slip = rng.random() < spec.slip_rate  # drawn for every conversation: streams stay aligned
-        wrong = SLIPS[spec.slip](problem.digits)
+        # (with one slip nothing more is drawn, so its data stay what they were before mixes existed)
+        which = spec.slips[int(rng.integers(len(spec.slips)))] if len(spec.slips) > 1 else spec.slip
+        wrong = SLIPS[which](problem.digits)
         if expert or not slip or wrong == problem.answer:  # e.g. no repeated digit to drop
             yield problem, EXPERT if expert else SUBOPTIMAL, problem.answer
         else:

@@ -41,7 +41,7 @@ def _attend_fwd(q, k, v, mask):
     exp_BxKxGxLxS = jnp.exp(scores_BxKxGxLxS - max_BxKxGxL[..., None])
     sum_BxKxGxL = jnp.sum(exp_BxKxGxLxS, axis=-1)
     probs_BxKxGxLxS = (exp_BxKxGxLxS / sum_BxKxGxL[..., None]).astype(v.dtype)
-    out_BxLxKxGxD = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v)
+    out_BxLxKxGxD = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v, preferred_element_type=jnp.float32).astype(v.dtype)
     lse_BxKxGxL = max_BxKxGxL + jnp.log(sum_BxKxGxL)
     # Saved: the inputs and the row log-sum-exp, not the [B, K, G, L, S] probabilities (which a
     # layer scan would otherwise stack for every layer); the backward recomputes them.
@@ -73,19 +73,41 @@ def _attend(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+# Query blocks of this many positions in training-shaped calls (see `_causal_blocks`).
+CAUSAL_BLOCK = 128
+
+
+def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, q_offset) -> jax.Array:
+    """`_attend` one block of queries at a time, each against the keys up to its last position:
+    in a causal training call (q_offset 0, L == S) the keys after a block are masked anyway, so
+    the scores, softmax and their gradients skip them (10 of 16 blocks at L = 512). Anything else
+    (decoding, short rows, L not a multiple of the block) attends to all S keys at once."""
+    L, S = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1]
+    T = CAUSAL_BLOCK
+    if not (isinstance(q_offset, int) and q_offset == 0 and L == S and L > T and L % T == 0):
+        return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS)
+    outs = []
+    for start in range(0, L, T):
+        end = start + T
+        outs.append(_attend(q_BxLxKxGxD[:, start:end], k_BxSxKxD[:, :end], v_BxSxKxD[:, :end],
+                            mask_Bx1x1xLxS[..., start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
 def _grouped(core: Callable[..., jax.Array], q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
              q_segment_ids_BxL: jax.Array, kv_segment_ids_BxS: jax.Array, q_offset: jax.Array | int = 0) -> jax.Array:
     B, L, H, D = q_BxLxHxD.shape
     S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     mask = _attention_mask(L, S, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset)
-    return core(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask).reshape(B, L, H, D)
+    return core(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask, q_offset).reshape(B, L, H, D)
 
 
 # Reference backend: plain einsums, softmax in float32, and a hand-written backward that keeps only
-# the row log-sum-exp for the gradient (it recomputes the probabilities).
-xla_attention: AttendFn = functools.partial(_grouped, _attend)
+# the row log-sum-exp for the gradient (it recomputes the probabilities); causal training calls
+# skip the key blocks after each query block.
+xla_attention: AttendFn = functools.partial(_grouped, _causal_blocks)
 # The same forward differentiated by JAX (the reference for the hand-written backward).
-xla_attention_autodiff: AttendFn = functools.partial(_grouped, _attend.fun)
+xla_attention_autodiff: AttendFn = functools.partial(_grouped, lambda q, k, v, mask, q_offset: _attend.fun(q, k, v, mask))
 
 
 _BACKENDS: dict[str, AttendFn] = {"xla": xla_attention, "xla_autodiff": xla_attention_autodiff}

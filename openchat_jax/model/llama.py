@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from openchat_jax.model.attention import get_backend
 from openchat_jax.model.config import LlamaConfig
+from openchat_jax.model.dense import dense
 from openchat_jax.model.partitioning import constrain
 
 Params = dict[str, Any]
@@ -191,9 +192,9 @@ def forward(
     # layer writes only its new slots (in place), instead of copying the cache every decode step.
     def layer(x_BxLxE: jax.Array, p: Params, kv: tuple[jax.Array, jax.Array] | None, i: jax.Array | int):
         h = rms_norm(x_BxLxE, p["attn_norm"], cfg.rms_norm_eps)
-        q_BxLxHxD = checkpoint_name(jnp.einsum("ble,ehd->blhd", h, p["wq"].astype(dtype)), "query_proj")
-        k_BxLxKxD = checkpoint_name(jnp.einsum("ble,ekd->blkd", h, p["wk"].astype(dtype)), "key_proj")
-        v_BxLxKxD = checkpoint_name(jnp.einsum("ble,ekd->blkd", h, p["wv"].astype(dtype)), "value_proj")
+        q_BxLxHxD = checkpoint_name(dense("ble,ehd->blhd", h, p["wq"]), "query_proj")
+        k_BxLxKxD = checkpoint_name(dense("ble,ekd->blkd", h, p["wk"]), "key_proj")
+        v_BxLxKxD = checkpoint_name(dense("ble,ekd->blkd", h, p["wv"]), "value_proj")
         q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, sin_BxLxD, cos_BxLxD), ("batch", "length", "heads", "head_dim"))
         k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, sin_BxLxD, cos_BxLxD), ("batch", "length", "kv_heads", "head_dim"))
         if kv is None:
@@ -207,12 +208,12 @@ def forward(
             new_kv = (k_cache, v_cache)
         attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset)
         attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
-        x_BxLxE = x_BxLxE + jnp.einsum("blhd,hde->ble", attn_BxLxHxD, p["wo"].astype(dtype))
+        x_BxLxE = x_BxLxE + dense("blhd,hde->ble", attn_BxLxHxD, p["wo"])
         h = rms_norm(x_BxLxE, p["mlp_norm"], cfg.rms_norm_eps)
-        gate_BxLxM = checkpoint_name(jnp.einsum("ble,em->blm", h, p["w_gate"].astype(dtype)), "mlp_gate")
-        up_BxLxM = checkpoint_name(jnp.einsum("ble,em->blm", h, p["w_up"].astype(dtype)), "mlp_up")
+        gate_BxLxM = checkpoint_name(dense("ble,em->blm", h, p["w_gate"]), "mlp_gate")
+        up_BxLxM = checkpoint_name(dense("ble,em->blm", h, p["w_up"]), "mlp_up")
         hidden_BxLxM = constrain(jax.nn.silu(gate_BxLxM) * up_BxLxM, ("batch", "length", "mlp"))
-        x_BxLxE = x_BxLxE + jnp.einsum("blm,me->ble", hidden_BxLxM, p["w_down"].astype(dtype))
+        x_BxLxE = x_BxLxE + dense("blm,me->ble", hidden_BxLxM, p["w_down"])
         x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
         return x_BxLxE, new_kv
 

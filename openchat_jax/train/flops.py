@@ -71,7 +71,9 @@ def measure_matmul_peak(
     @jax.jit
     def chain(x, y):
         for _ in range(4):
-            x = jnp.dot(x, y, preferred_element_type=x.dtype)
+            # Accumulated in float32 as the model's matmuls are (in bf16 this is the fast path:
+            # AMX on recent Intel CPUs; a bf16-output dot takes a slower one).
+            x = jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype)
         return x
 
     chain(a, b).block_until_ready()
