@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.update(
         vocab_size=32000, embed=512, mlp=1408, num_layers=6, num_heads=8, num_kv_heads=8, head_dim=64,
         max_position_embeddings=2048,
-        dtype="float32",  # this CPU has no bf16 matmul units (no AVX512-BF16/AMX): f32 is its fast path
+        # float32 runs at full speed on every CPU; on CPUs with AMX-BF16 (Intel Sapphire Rapids and
+        # later) --config.model.dtype=bfloat16 is faster (docs/benchmarks.md, "Train step").
+        dtype="float32",
         remat_policy="none",  # memory is plentiful on the host: no recomputation
         scan_layers=True,
     )

@@ -38,6 +38,8 @@ def _slipped(digits: str, slip: str) -> str:
     """Independent reference for each slip of the sub-optimal source."""
     if slip == "drop_repeats":
         return _counting_sort(digits, False)
+    if slip == "unsorted":
+        return digits
     return _counting_sort(digits, True)[::-1]  # descending
 
 
@@ -56,7 +58,7 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
     assert a.counts == b.counts
 
 
-@pytest.mark.parametrize("slip", ["descending", "drop_repeats"])
+@pytest.mark.parametrize("slip", ["descending", "drop_repeats", "unsorted"])
 def test_sources_answers_and_error_rates_match_the_spec(tmp_path, slip):
     spec = TaskSpec(num_train=6000, num_test=50, min_length=4, max_length=9, expert_fraction=0.1,
                     slip_rate=0.7, slip=slip, seed=0)
@@ -219,3 +221,31 @@ def test_demo_tokenizer_digits_single_words_whole(tmp_path):
         "▁GPT4", "▁Assistant:"]
     with pytest.raises(ConfigError, match="printable ASCII"):
         build_demo_tokenizer(tmp_path / "bad", ["two words"])
+
+
+def test_mixed_slips_each_make_their_share_of_the_mistakes(tmp_path):
+    """slip="descending+drop_repeats": a slipping answer makes one of the two mistakes, drawn
+    uniformly; nothing else changes (experts right, non-slipping answers right)."""
+    data = tasks.generate(TaskSpec(num_train=4000, num_test=20, slip_rate=0.7, slip="descending+drop_repeats", seed=2), tmp_path)
+    made = {"descending": 0, "drop_repeats": 0}
+    subopt = 0
+    for r in _read(data.train):
+        digits = _digits(r["messages"][0]["content"])
+        answer, right = r["messages"][1]["content"], _counting_sort(digits, True)
+        if r["source"] == "expert":
+            assert answer == right
+            continue
+        subopt += 1
+        wrong = [name for name in made if answer == _slipped(digits, name) != right]
+        assert answer == right or len(wrong) == 1, r
+        for name in wrong:
+            made[name] += 1
+    assert data.counts["suboptimal"]["wrong"] == sum(made.values())
+    for name, n in made.items():  # 8 digits: nearly every question has a repeat and is unsorted
+        assert _binomial_ok(n, subopt, 0.35), (name, n, subopt)
+
+
+@pytest.mark.parametrize("slip", ["", "descending+", "descending+sideways", "upside_down"])
+def test_unknown_slip_is_a_config_error(slip):
+    with pytest.raises(ConfigError, match="slip"):
+        TaskSpec(slip=slip)

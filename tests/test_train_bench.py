@@ -25,6 +25,8 @@ def test_bench_train_step_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "jax / torch speed" in printed and "matmul peak" in printed
     result = json.loads(out.read_text())
+    # 2 timed steps per side; the settle step run before them in the round is not among them
+    assert result["settle_steps"] == 1
     assert len(result["jax_step_times"]) == 2 and len(result["torch_step_times"]) == 2
     assert result["tokens_per_step"] == 8 * 32
     assert result["speedup_vs_torch"] == result["torch_step_seconds"] / result["jax_step_seconds"]

@@ -24,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     step.__class__ = ConfigOverridesParser
     step.add_argument("--config", required=True, help="config file (e.g. configs/bench_50m.py)")
     step.add_argument("--rounds", type=int, default=3, help="alternating JAX/torch rounds (default 3)")
-    step.add_argument("--steps-per-round", type=int, default=3)
+    step.add_argument("--steps-per-round", type=int, default=3, help="timed steps per round and side")
+    step.add_argument("--settle-steps", type=int, default=1,
+                      help="untimed steps before each side's timed ones in a round (default 1): the first "
+                           "step after the other framework ran is slowed by it")
     step.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     step.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n peak matmul")
     step.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -36,7 +39,8 @@ def run_train_step(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = bench_train_step(
-        config, rounds=args.rounds, steps_per_round=args.steps_per_round, torch_compare=not args.no_torch,
+        config, rounds=args.rounds, steps_per_round=args.steps_per_round, settle_steps=args.settle_steps,
+        torch_compare=not args.no_torch,
         matmul_size=args.matmul_size,
     )
     if args.json:

@@ -13,6 +13,9 @@ Two sources, like GPT-4 and GPT-3.5 in the paper:
               systematic mistake (`slip`), otherwise it is right:
                 descending    (default) the right digits in the wrong order: 44557241 -> "75544421"
                 drop_repeats  every distinct digit once: 44557241 -> "12457"
+                unsorted      the digits as the question gave them: 44557241 -> "44557241"
+              or several joined by "+" (`descending+drop_repeats`): each slipping answer makes
+              one of them, drawn uniformly.
               A question it cannot get wrong that way (all digits equal; no repeated digit to
               drop) it answers right. The mistake is the same every time, so a model trained on
               the mixture learns it.
@@ -100,7 +103,7 @@ class TaskSpec:
 
     @property
     def slips(self) -> tuple[str, ...]:
-        return tuple(name for name in self.slip.split("+") if name)
+        return tuple(self.slip.split("+"))
 
 
 @dataclasses.dataclass(frozen=True)

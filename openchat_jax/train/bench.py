@@ -4,7 +4,9 @@ on the same model, batch and optimizer step, on this machine's CPU.
 1. A matmul peak: the best FLOP/s of a chained n x n matmul in the model's compute dtype (JAX).
 2. Both steps are compiled / warmed up, then timed in alternating rounds (JAX steps, torch steps,
    JAX, ...) so that load from other processes hits both alike; medians are reported, and the
-   matmul peak is re-measured after each round (MFU uses the best one).
+   matmul peak is re-measured after each round (MFU uses the best one). Each side's first
+   `settle_steps` steps of a round are run but not timed: the first step after the other
+   framework ran pays for its thread pool and caches (~1 s for JAX on a 2-core VM).
 3. Work per step is the same on both sides: B rows of L tokens, one conversation per row (HF has
    no packing), weighted CE sum(w * CE) / sum(w), backward, global-norm clip 1.0, AdamW update.
 MFU uses the FLOPs formula of openchat_jax.train.flops (model FLOPs, not counting remat).
@@ -114,6 +116,7 @@ def bench_train_step(
     *,
     rounds: int = 3,
     steps_per_round: int = 3,
+    settle_steps: int = 1,
     torch_compare: bool = True,
     matmul_size: int = 2048,
     report: Any = print,
@@ -144,19 +147,20 @@ def bench_train_step(
     torch_times: list[float] = []
     peaks = [peak]
     for _ in range(rounds):
-        jax_times += [jax_step() for _ in range(steps_per_round)]
+        jax_times += [jax_step() for _ in range(settle_steps + steps_per_round)][settle_steps:]
         if torch_step is not None:
-            torch_times += [torch_step() for _ in range(steps_per_round)]
+            torch_times += [torch_step() for _ in range(settle_steps + steps_per_round)][settle_steps:]
         peaks.append(flops_lib.measure_matmul_peak(model_cfg.dtype, n=matmul_size, device=device))
     # Other processes may share the CPU: the matmul peak is re-measured after every round and MFU
     # is taken against the best of them (conservative).
     peak = max(peaks)
+    report(f"timed steps: {steps_per_round} per round and side, after {settle_steps} untimed")
     report(f"matmul peak re-measured per round: {', '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s; using the best")
 
     tokens = B * L
     result: dict[str, Any] = {
         "matmul_peak_flops": peak, "matmul_peaks": peaks, "flops_per_token": fpt, "tokens_per_step": tokens,
-        "jax_step_seconds": statistics.median(jax_times), "jax_step_times": jax_times,
+        "settle_steps": settle_steps, "jax_step_seconds": statistics.median(jax_times), "jax_step_times": jax_times,
     }
     result["jax_tokens_per_second"] = tokens / result["jax_step_seconds"]
     result["jax_mfu"] = result["jax_tokens_per_second"] * fpt / peak
