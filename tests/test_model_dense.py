@@ -23,8 +23,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "accelerator"])
 @pytest.mark.parametrize("spec,x_shape,w_shape", CASES)
-def test_value_and_gradients_match_autodiff(spec, x_shape, w_shape):
+def test_value_and_gradients_match_autodiff(spec, x_shape, w_shape, backend, monkeypatch):
+    if backend == "accelerator":  # the plain weight-gradient einsum TPUs and GPUs take
+        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, x_shape, jnp.float32)
     w = jax.random.normal(kw, w_shape, jnp.float32)

@@ -7,7 +7,7 @@ Why not `jnp.einsum` and autodiff (measured on a 2-core Sapphire Rapids, docs/be
    output fixes the forward only: autodiff then feeds the backward dots an f32 cotangent and
    upcasts the bf16 operand, so every backward dot is an f32 dot. Here the cotangent is cast to
    the compute dtype and the backward dots accumulate in f32 as well (as TPUs and GPUs do).
-2. Layout: for the weight gradient dW = x^T dy, XLA:CPU chose to transpose the larger operand
+2. Layout (CPU only): for the weight gradient dW = x^T dy, XLA:CPU chose to transpose the larger operand
    (dy, e.g. [B*L, mlp]) inside the elementwise fusion that produces it, a strided write that
    cost more than the matmul itself. Transposing x (the narrower side) on its own, behind an
    optimization barrier, leaves dy row-major and hands the dot operands in its native layout.
@@ -59,6 +59,8 @@ def _dense_bwd(spec: str, residuals, dy: jax.Array):
     xs, ws, outs = _parse(spec)
     dy = dy.astype(x.dtype)
     dx = _einsum(f"{outs},{ws}->{xs}", dy, w_c, x.dtype)
+    if jax.default_backend() != "cpu":  # TPU/GPU dots take either operand layout at no cost
+        return dx, _einsum(f"{xs},{outs}->{ws}", x, dy, w_dtype_tag.dtype)
     # dW contracts x and dy over their shared (token) axes. The smaller of the two is transposed
     # on its own so that those axes come last in it; the other is used as it is.
     if x.size <= dy.size:
