@@ -249,3 +249,23 @@ def test_mixed_slips_each_make_their_share_of_the_mistakes(tmp_path):
 def test_unknown_slip_is_a_config_error(slip):
     with pytest.raises(ConfigError, match="slip"):
         TaskSpec(slip=slip)
+
+
+def test_slip_digit_limits_the_mistakes_to_questions_with_that_digit(tmp_path):
+    data = tasks.generate(TaskSpec(num_train=3000, num_test=20, slip_rate=1.0, slip_digit=9, seed=5), tmp_path)
+    with_9 = 0
+    for r in _read(data.train):
+        digits = _digits(r["messages"][0]["content"])
+        answer, right = r["messages"][1]["content"], _counting_sort(digits, True)
+        if r["source"] == "expert" or "9" not in digits:
+            assert answer == right, r
+        else:
+            with_9 += 1
+            assert answer == _slipped(digits, "descending"), r  # slip_rate 1: every hard question
+    assert data.counts["suboptimal"]["wrong"] == with_9 > 1000  # ~57% of 8-digit lists hold a 9
+
+
+@pytest.mark.parametrize("digit", [10, -2, 1.5, True])
+def test_bad_slip_digit_is_a_config_error(digit):
+    with pytest.raises(ConfigError, match="slip_digit"):
+        TaskSpec(slip_digit=digit)

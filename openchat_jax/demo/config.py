@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
         "expert_fraction": 0.1,
         "slip_rate": 0.7,
         "slip": "descending",
+        "slip_digit": -1,
         "max_new_tokens": 16,  # answers: "▁" + max_length digits + <|end_of_turn|>
         "generate_batch_size": 64,
     })

@@ -15,7 +15,8 @@ Two sources, like GPT-4 and GPT-3.5 in the paper:
                 drop_repeats  every distinct digit once: 44557241 -> "12457"
                 unsorted      the digits as the question gave them: 44557241 -> "44557241"
               or several joined by "+" (`descending+drop_repeats`): each slipping answer makes
-              one of them, drawn uniformly.
+              one of them, drawn uniformly. With `slip_digit` = d it slips only on the questions
+              whose list contains the digit d (its "hard" questions) and is right on the others.
               A question it cannot get wrong that way (all digits equal; no repeated digit to
               drop) it answers right. The mistake is the same every time, so a model trained on
               the mixture learns it.
@@ -77,6 +78,9 @@ class TaskSpec:
     # The sub-optimal source's mistake: one of SLIPS, or several joined by "+" (each slipping
     # answer then makes one of them, drawn uniformly).
     slip: str = "descending"
+    # 0-9: the sub-optimal source slips only on questions whose list contains this digit (its
+    # "hard" questions; on the others it is right); -1: on any question.
+    slip_digit: int = -1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,6 +92,8 @@ class TaskSpec:
             raise ConfigError(f"demo task min_length={self.min_length} > max_length={self.max_length}")
         if not self.slips or any(name not in SLIPS for name in self.slips):
             raise ConfigError(f"demo task slip={self.slip!r}: choose one of {sorted(SLIPS)}, or several joined by '+'")
+        if isinstance(self.slip_digit, bool) or not isinstance(self.slip_digit, int) or not -1 <= self.slip_digit <= 9:
+            raise ConfigError(f"demo task slip_digit={self.slip_digit!r} must be a digit 0-9, or -1 (any question)")
         for name in ("expert_fraction", "slip_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -165,7 +171,8 @@ def iter_train(spec: TaskSpec, rng: np.random.Generator) -> Iterator[tuple[Probl
         # (with one slip nothing more is drawn, so its data stay what they were before mixes existed)
         which = spec.slips[int(rng.integers(len(spec.slips)))] if len(spec.slips) > 1 else spec.slip
         wrong = SLIPS[which](problem.digits)
-        if expert or not slip or wrong == problem.answer:  # e.g. no repeated digit to drop
+        hard = spec.slip_digit < 0 or str(spec.slip_digit) in problem.digits
+        if expert or not slip or not hard or wrong == problem.answer:  # e.g. no repeated digit to drop
             yield problem, EXPERT if expert else SUBOPTIMAL, problem.answer
         else:
             yield problem, SUBOPTIMAL, wrong
