@@ -1,7 +1,7 @@
 """The model's weight matmuls: `dense("ble,ehd->blhd", x, w)`, an einsum of an activation and a
 weight, with products accumulated in float32, the result in x's dtype, and a backward by hand.
 
-Why not `jnp.einsum` and autodiff (measured on a 2-core Sapphire Rapids, docs/benchmarks.md):
+Why not `jnp.einsum` and autodiff (measured on a 2-core Intel Xeon with AMX, docs/benchmarks.md):
 1. bfloat16: `einsum(bf16, bf16)` returns bf16, and XLA:CPU runs such a dot on its slow path
    (~0.3 TFLOP/s), while bf16 x bf16 -> f32 runs on the AMX units (~1.6 TFLOP/s). Asking for f32
    output fixes the forward only: autodiff then feeds the backward dots an f32 cotangent and
@@ -50,17 +50,17 @@ def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _dense_fwd(spec: str, x: jax.Array, w: jax.Array):
-    w_c = w.astype(x.dtype)
-    return _einsum(spec, x, w_c, x.dtype), (x, w_c, jnp.zeros((), w.dtype))
+    # Saves the weight as given (a scan over layers forwards it instead of stacking a cast copy).
+    return _einsum(spec, x, w.astype(x.dtype), x.dtype), (x, w)
 
 
 def _dense_bwd(spec: str, residuals, dy: jax.Array):
-    x, w_c, w_dtype_tag = residuals
+    x, w = residuals
     xs, ws, outs = _parse(spec)
     dy = dy.astype(x.dtype)
-    dx = _einsum(f"{outs},{ws}->{xs}", dy, w_c, x.dtype)
+    dx = _einsum(f"{outs},{ws}->{xs}", dy, w.astype(x.dtype), x.dtype)
     if jax.default_backend() != "cpu":  # TPU/GPU dots take either operand layout at no cost
-        return dx, _einsum(f"{xs},{outs}->{ws}", x, dy, w_dtype_tag.dtype)
+        return dx, _einsum(f"{xs},{outs}->{ws}", x, dy, w.dtype)
     # dW contracts x and dy over their shared (token) axes. The smaller of the two is transposed
     # on its own so that those axes come last in it; the other is used as it is.
     if x.size <= dy.size:
@@ -72,7 +72,7 @@ def _dense_bwd(spec: str, residuals, dy: jax.Array):
     # The dot's own output order (lhs's weight axes, then rhs's), transposed to w's afterwards:
     # asked for w's order directly, XLA transposes both (large) operands instead of the small result.
     natural = "".join(a for a in lhs_spec if a in ws) + "".join(a for a in rhs_spec if a in ws)
-    dw = _einsum(f"{lhs_spec},{rhs_spec}->{natural}", lhs, rhs, w_dtype_tag.dtype)
+    dw = _einsum(f"{lhs_spec},{rhs_spec}->{natural}", lhs, rhs, w.dtype)
     if natural != ws:
         dw = jnp.transpose(jax.lax.optimization_barrier(dw), [natural.index(a) for a in ws])
     return dx, dw
