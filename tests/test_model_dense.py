@@ -70,3 +70,20 @@ def test_bad_spec_is_a_clear_error():
         dense("ab->b", x, w)
     with pytest.raises(ValueError, match="each axis of x"):
         dense("az,bc->ac", x, w)
+
+
+def test_accelerator_layout_traces_the_plain_weight_gradient_on_a_cpu_host():
+    """The planner compiles a TPU/GPU step on fake CPU devices: under accelerator_layout() the
+    backward has no CPU-only transposes behind barriers (jax's default backend here is the CPU)."""
+    from openchat_jax.model.dense import accelerator_layout
+
+    x, w = jnp.ones((2, 5, 6)), jnp.ones((6, 16))
+
+    def backward_hlo() -> str:  # a new function each time: jit would reuse an earlier trace
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(dense("ble,em->blm", a, b)), argnums=(0, 1))).lower(x, w).as_text()
+
+    assert jax.default_backend() == "cpu"
+    assert "optimization_barrier" in backward_hlo()
+    with accelerator_layout():
+        assert "optimization_barrier" not in backward_hlo()
+    assert "optimization_barrier" in backward_hlo()  # the context ended

@@ -18,10 +18,32 @@ gradient of each operand is an einsum of the other operand and the cotangent).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+
+# None: the CPU layout handling of the weight gradient iff JAX's default backend is the CPU.
+_CPU_LAYOUT: contextvars.ContextVar[bool | None] = contextvars.ContextVar("dense_cpu_layout", default=None)
+
+
+@contextlib.contextmanager
+def accelerator_layout() -> Iterator[None]:
+    """Trace the backward as for a TPU/GPU even on a CPU host (the planner compiles an
+    accelerator's step on fake CPU devices)."""
+    token = _CPU_LAYOUT.set(False)
+    try:
+        yield
+    finally:
+        _CPU_LAYOUT.reset(token)
+
+
+def _cpu_layout() -> bool:
+    chosen = _CPU_LAYOUT.get()
+    return jax.default_backend() == "cpu" if chosen is None else chosen
 
 
 @functools.lru_cache(maxsize=64)
@@ -59,7 +81,7 @@ def _dense_bwd(spec: str, residuals, dy: jax.Array):
     xs, ws, outs = _parse(spec)
     dy = dy.astype(x.dtype)
     dx = _einsum(f"{outs},{ws}->{xs}", dy, w.astype(x.dtype), x.dtype)
-    if jax.default_backend() != "cpu":  # TPU/GPU dots take either operand layout at no cost
+    if not _cpu_layout():  # TPU/GPU dots take either operand layout at no cost
         return dx, _einsum(f"{xs},{outs}->{ws}", x, dy, w.dtype)
     # dW contracts x and dy over their shared (token) axes. The smaller of the two is transposed
     # on its own so that those axes come last in it; the other is used as it is.

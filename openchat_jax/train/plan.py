@@ -37,6 +37,7 @@ import numpy as np
 
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
+from openchat_jax.model.dense import accelerator_layout
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import step as step_lib
 from openchat_jax.train.flops import flops_per_token
@@ -298,7 +299,7 @@ def plan_step(
 
     Uses the first prod(mesh) of `devices` (default jax.devices()); on a CPU host, fake them with
     XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported (the CLI does)."""
-    with _collect_sharding_warnings() as warnings:
+    with _collect_sharding_warnings() as warnings, accelerator_layout():
         plan = _plan_step(config, mesh_axes, chip, mfu, devices, compile, count_xla_flops)
     return dataclasses.replace(plan, notes=plan.notes + tuple(f"sharding: {w}" for w in warnings))
 
