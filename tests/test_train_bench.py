@@ -32,3 +32,14 @@ def test_bench_train_step_smoke(tmp_path, capsys):
     assert result["speedup_vs_torch"] == result["torch_step_seconds"] / result["jax_step_seconds"]
     assert result["jax_mfu"] == result["jax_tokens_per_second"] * result["flops_per_token"] / result["matmul_peak_flops"]
     assert result["matmul_peak_flops"] == max(result["matmul_peaks"]) > 0
+
+
+def test_bench_rejects_a_negative_settle_count():
+    import pytest
+
+    from openchat_jax.errors import ConfigError
+    from openchat_jax.train.bench import bench_train_step
+    from openchat_jax.train.config import base_config
+
+    with pytest.raises(ConfigError, match="settle steps >= 0"):
+        bench_train_step(base_config("tiny"), settle_steps=-1, report=lambda _: None)

@@ -1,7 +1,8 @@
 """`openchat-jax bench train-step`: our jitted train step against transformers + torch.optim.AdamW
 on the same model, batch and optimizer step, on this machine's CPU.
 
-1. A matmul peak: the best FLOP/s of a chained n x n matmul in the model's compute dtype (JAX).
+1. A matmul peak: the best FLOP/s of a chained n x n matmul in the model's compute dtype (JAX),
+   accumulated in float32 as the model's matmuls are.
 2. Both steps are compiled / warmed up, then timed in alternating rounds (JAX steps, torch steps,
    JAX, ...) so that load from other processes hits both alike; medians are reported, and the
    matmul peak is re-measured after each round (MFU uses the best one). Each side's first
@@ -122,6 +123,9 @@ def bench_train_step(
     report: Any = print,
 ) -> dict[str, Any]:
     model_cfg = LlamaConfig.from_config_dict(config.model)
+    if rounds < 1 or steps_per_round < 1 or settle_steps < 0:
+        raise ConfigError(f"bench needs rounds >= 1, steps per round >= 1 and settle steps >= 0; got {rounds}, "
+                          f"{steps_per_round}, {settle_steps}")
     if model_cfg.vocab_size <= 0:
         raise ConfigError("bench needs model.vocab_size > 0 (no dataset is read)")
     B, L = int(config.train.global_batch_size), int(config.data.max_length)
