@@ -149,7 +149,7 @@ def test_xla_flops_vs_model_formula_at_llama_width(remat):
     2 * (q, k, v, o + gate, up weights) + 4 * L * heads * head_dim more. The attention matmuls run
     in causal query blocks: of the L x L scores the formula counts, query block i of n computes
     i + 1 key blocks, (n + 1) / (2n) of the whole (10/16 at L = 512)."""
-    from openchat_jax.model.attention import CAUSAL_BLOCK
+    from openchat_jax.model.attention import CAUSAL_BLOCK, CAUSAL_BLOCKS
     from openchat_jax.train import mesh as mesh_lib
 
     c = base_config("llama2_13b")
@@ -162,7 +162,8 @@ def test_xla_flops_vs_model_formula_at_llama_width(remat):
     mesh = mesh_lib.make_mesh({"fsdp": 8})
     model = plan_lib.flops_per_token(cfg, L)
     E, M, Ly, H, K, D = cfg.embed, cfg.mlp, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    n = L // CAUSAL_BLOCK
+    n = L // max(CAUSAL_BLOCK, L // CAUSAL_BLOCKS)
+    assert n == 4
     computed = (n + 1) / (2 * n)
     attention = 12 * Ly * L * H * D
     recompute = 0.0

@@ -73,17 +73,21 @@ def _attend(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-# Query blocks of this many positions in training-shaped calls (see `_causal_blocks`).
+# Training-shaped calls attend in at most CAUSAL_BLOCKS query blocks of at least CAUSAL_BLOCK
+# positions (see `_causal_blocks`).
 CAUSAL_BLOCK = 128
+CAUSAL_BLOCKS = 4
 
 
 def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, q_offset) -> jax.Array:
     """`_attend` one block of queries at a time, each against the keys up to its last position:
     in a causal training call (q_offset 0, L == S) the keys after a block are masked anyway, so
-    the scores, softmax and their gradients skip them (10 of 16 blocks at L = 512). Anything else
-    (decoding, short rows, L not a multiple of the block) attends to all S keys at once."""
+    the scores, softmax and their gradients skip them (10 of 16 score blocks with 4 blocks). Few
+    blocks: each block's key/value gradient is a full-length [B, S, K, D] term of a sum, and with
+    32 blocks at L = 4096 the planner's 13B peak grew by 1.3 GiB. Anything else (decoding, short
+    rows, L not a multiple of the block) attends to all S keys at once."""
     L, S = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1]
-    T = CAUSAL_BLOCK
+    T = max(CAUSAL_BLOCK, L // CAUSAL_BLOCKS)
     if not (isinstance(q_offset, int) and q_offset == 0 and L == S and L > T and L % T == 0):
         return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS)
     outs = []
