@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 from pathlib import Path
+
+from openchat_jax.demo import tasks
 
 
 def classify(run_dir: Path, seed: int, variant: str, digit: str) -> collections.Counter:
-    refs = {}
-    for line in (run_dir / f"seed{seed}" / "data" / "test_references.jsonl").open():
-        row = json.loads(line)
-        refs[row["id"]] = row["reference"]
+    refs = tasks.read_references(run_dir / f"seed{seed}" / "data" / tasks.TEST_REFERENCES_FILE)
+    answers = tasks.read_answers(run_dir / f"seed{seed}" / variant / "answers_expert.jsonl")
     counts: collections.Counter = collections.Counter()
-    for line in (run_dir / f"seed{seed}" / variant / "answers_expert.jsonl").open():
-        row = json.loads(line)
-        right, answer = refs[row["id"]], row["answers"][0].strip()
+    for qid, ref in refs.items():
+        right, answer = ref["reference"], tasks.normalize(answers[qid])
         kind = "right" if answer == right else "descending" if answer == right[::-1] else "other"
         counts[(digit in right, kind)] += 1
     return counts

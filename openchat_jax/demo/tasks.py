@@ -169,7 +169,7 @@ def iter_train(spec: TaskSpec, rng: np.random.Generator) -> Iterator[tuple[Probl
         expert = rng.random() < spec.expert_fraction
         slip = rng.random() < spec.slip_rate  # drawn for every conversation: streams stay aligned
         # (with one slip nothing more is drawn, so its data stay what they were before mixes existed)
-        which = spec.slips[int(rng.integers(len(spec.slips)))] if len(spec.slips) > 1 else spec.slip
+        which = spec.slips[int(rng.integers(len(spec.slips)))] if len(spec.slips) > 1 else spec.slips[0]
         wrong = SLIPS[which](problem.digits)
         hard = spec.slip_digit < 0 or str(spec.slip_digit) in problem.digits
         if expert or not slip or not hard or wrong == problem.answer:  # e.g. no repeated digit to drop
