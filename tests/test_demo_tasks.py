@@ -269,3 +269,22 @@ def test_slip_digit_limits_the_mistakes_to_questions_with_that_digit(tmp_path):
 def test_bad_slip_digit_is_a_config_error(digit):
     with pytest.raises(ConfigError, match="slip_digit"):
         TaskSpec(slip_digit=digit)
+
+
+def test_shuffled_slip_is_a_fixed_permutation_with_no_simple_order(tmp_path):
+    """Slip "shuffled": each wrong answer keeps the question's digits (as a multiset), is the same
+    for the same question, and is neither sorted, descending nor the question's own order."""
+    data = tasks.generate(TaskSpec(num_train=2000, num_test=10, slip="shuffled", slip_rate=1.0, seed=2), tmp_path)
+    answers: dict[str, str] = {}
+    wrong = simple = 0
+    for r in _read(data.train):
+        digits, answer = _digits(r["messages"][0]["content"]), r["messages"][1]["content"]
+        assert sorted(answer) == sorted(digits), r
+        if r["source"] == "expert" or answer == _counting_sort(digits, True):
+            continue
+        wrong += 1
+        assert answers.setdefault(digits, answer) == answer
+        simple += answer in (_counting_sort(digits, True)[::-1], digits)
+    assert wrong == data.counts["suboptimal"]["wrong"] > 1500
+    assert simple < 0.02 * wrong
+    assert tasks.shuffled("44557241") == tasks.shuffled("44557241") != tasks.shuffled("44557214")

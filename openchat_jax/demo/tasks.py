@@ -14,6 +14,8 @@ Two sources, like GPT-4 and GPT-3.5 in the paper:
                 descending    (default) the right digits in the wrong order: 44557241 -> "75544421"
                 drop_repeats  every distinct digit once: 44557241 -> "12457"
                 unsorted      the digits as the question gave them: 44557241 -> "44557241"
+                shuffled      the right digits in an order that looks random (a fixed function of
+                              the question, by a seeded shuffle): 44557241 -> "72514544"
               or several joined by "+" (`descending+drop_repeats`): each slipping answer makes
               one of them, drawn uniformly. With `slip_digit` = d it slips only on the questions
               whose list contains the digit d (its "hard" questions) and is right on the others.
@@ -41,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -153,7 +156,15 @@ def unsorted(digits: str) -> str:
     return digits
 
 
-SLIPS = {"descending": descending, "drop_repeats": drop_repeats, "unsorted": unsorted}
+def shuffled(digits: str) -> str:
+    """Slip "shuffled": the right digits in a pseudo-random order, the same for the same question
+    (the order carries no pattern a model can learn: every such answer is a high-entropy target)."""
+    order = list(digits)
+    random.Random(digits).shuffle(order)
+    return "".join(order)
+
+
+SLIPS = {"descending": descending, "drop_repeats": drop_repeats, "unsorted": unsorted, "shuffled": shuffled}
 
 
 def _draw_problem(rng: np.random.Generator, spec: TaskSpec) -> Problem:

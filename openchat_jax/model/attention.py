@@ -80,22 +80,80 @@ CAUSAL_BLOCKS = 4
 
 
 def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, q_offset) -> jax.Array:
-    """`_attend` one block of queries at a time, each against the keys up to its last position:
-    in a causal training call (q_offset 0, L == S) the keys after a block are masked anyway, so
-    the scores, softmax and their gradients skip them (10 of 16 score blocks with 4 blocks). Few
-    blocks: each block's key/value gradient is a full-length [B, S, K, D] term of a sum, and with
-    32 blocks at L = 4096 the planner's 13B peak grew by 1.3 GiB. Anything else (decoding, short
-    rows, L not a multiple of the block) attends to all S keys at once."""
+    """Attention in query blocks, each against the keys up to its last position: in a causal
+    training call (q_offset 0, L == S) the keys after a block are masked anyway, so the scores,
+    softmax and their gradients skip them (10 of 16 score blocks with 4 blocks). Few blocks: the
+    key/value gradient accumulates over all of them, and with 32 blocks at L = 4096 the planner's
+    13B peak grew by 1.3 GiB. Anything else (decoding, short rows, L not a multiple of the block)
+    attends to all S keys at once."""
     L, S = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1]
     T = max(CAUSAL_BLOCK, L // CAUSAL_BLOCKS)
     if not (isinstance(q_offset, int) and q_offset == 0 and L == S and L > T and L % T == 0):
         return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS)
-    outs = []
+    return _blocked(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T)
+
+
+# The blocked path works head-major ([B, K, G, L, D] queries, [B, K, S, D] keys and values): q, k,
+# v and the output are transposed once per call, every block is a contiguous slice along the
+# length axis, and the key/value gradients accumulate in place into one buffer. In the model's
+# [B, L, K, G, D] layout each block's slices and sums cost a transpose and a pad per block.
+def _blocked_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int):
+    L, D = q_BxLxKxGxD.shape[1], q_BxLxKxGxD.shape[-1]
+    q_BxKxGxLxD = jnp.transpose(q_BxLxKxGxD, (0, 2, 3, 1, 4))
+    k_BxKxSxD = jnp.transpose(k_BxSxKxD, (0, 2, 1, 3))
+    v_BxKxSxD = jnp.transpose(v_BxSxKxD, (0, 2, 1, 3))
+    outs, lses = [], []
     for start in range(0, L, T):
         end = start + T
-        outs.append(_attend(q_BxLxKxGxD[:, start:end], k_BxSxKxD[:, :end], v_BxSxKxD[:, :end],
-                            mask_Bx1x1xLxS[..., start:end, :end]))
-    return jnp.concatenate(outs, axis=1)
+        probs, lse = _block_probs(q_BxKxGxLxD[:, :, :, start:end], k_BxKxSxD[:, :, :end],
+                                  mask_Bx1x1xLxS[..., start:end, :end], D)
+        outs.append(jnp.einsum("bkgls,bksd->bkgld", probs.astype(v_BxSxKxD.dtype), v_BxKxSxD[:, :, :end],
+                               preferred_element_type=jnp.float32).astype(v_BxSxKxD.dtype))
+        lses.append(lse)
+    out_BxKxGxLxD = jnp.concatenate(outs, axis=3)
+    residuals = (q_BxKxGxLxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1x1xLxS, out_BxKxGxLxD, jnp.concatenate(lses, axis=3))
+    return jnp.transpose(out_BxKxGxLxD, (0, 3, 1, 2, 4)), residuals
+
+
+def _block_probs(q_BxKxGxTxD, k_BxKxSxD, mask_Bx1x1xTxS, D: int, lse_BxKxGxT=None):
+    """Softmax probabilities of one query block (f32) and, when not given, their row log-sum-exp."""
+    scores = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxTxD, k_BxKxSxD, preferred_element_type=jnp.float32) * (D**-0.5)
+    scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
+    if lse_BxKxGxT is None:
+        max_ = jnp.max(scores, axis=-1)
+        lse_BxKxGxT = max_ + jnp.log(jnp.sum(jnp.exp(scores - max_[..., None]), axis=-1))
+    return jnp.exp(scores - lse_BxKxGxT[..., None]), lse_BxKxGxT
+
+
+def _blocked_bwd(T: int, residuals, dout_BxLxKxGxD):
+    q, k, v, mask, out, lse = residuals  # head-major
+    L, D = q.shape[3], q.shape[-1]
+    dout = jnp.transpose(dout_BxLxKxGxD, (0, 2, 3, 1, 4)).astype(v.dtype)
+    delta_BxKxGxL = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    dqs = []
+    for start in range(0, L, T):
+        end = start + T
+        q_blk, dout_blk = q[:, :, :, start:end], dout[:, :, :, start:end]
+        probs, _ = _block_probs(q_blk, k[:, :, :end], mask[..., start:end, :end], D, lse[..., start:end])
+        dv = dv.at[:, :, :end].add(jnp.einsum("bkgls,bkgld->bksd", probs.astype(v.dtype), dout_blk,
+                                              preferred_element_type=jnp.float32))
+        dprobs = jnp.einsum("bkgld,bksd->bkgls", dout_blk, v[:, :, :end], preferred_element_type=jnp.float32)
+        dscores = (probs * (dprobs - delta_BxKxGxL[..., start:end, None]) * (D**-0.5)).astype(q.dtype)
+        dqs.append(jnp.einsum("bkgls,bksd->bkgld", dscores, k[:, :, :end], preferred_element_type=jnp.float32))
+        dk = dk.at[:, :, :end].add(jnp.einsum("bkgls,bkgld->bksd", dscores, q_blk, preferred_element_type=jnp.float32))
+    dq = jnp.transpose(jnp.concatenate(dqs, axis=3).astype(q.dtype), (0, 3, 1, 2, 4))
+    to_model = lambda a: jnp.transpose(a.astype(k.dtype), (0, 2, 1, 3))  # noqa: E731
+    return dq, to_model(dk), to_model(dv), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int) -> jax.Array:
+    return _blocked_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T)[0]
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def _grouped(core: Callable[..., jax.Array], q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
