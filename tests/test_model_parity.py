@@ -143,3 +143,23 @@ def test_kv_cache_decode_matches_full_forward(gqa):
         logits, cache = step(params, cache, jnp.asarray(tokens[:, t : t + 1]), jnp.full((B, 1), t), t)
         np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], atol=1e-4, rtol=0, err_msg=f"step {t}")
     assert np.asarray(cache["segment_ids"])[:, :total].all() and not np.asarray(cache["segment_ids"])[:, total:].any()
+
+
+def test_rope_table_lookup_equals_the_direct_formula():
+    """`rope_tables(..., table_size)` looks the angles' sin and cos up in a table; it must equal
+    NumPy's sin/cos of the same float32 angles (HF's formula), and a position outside the table
+    gives NaN rather than a silently wrong rotation."""
+    from openchat_jax.model.llama import rope_tables
+
+    D, theta, size = 16, 10000.0, 64
+    positions = np.array([[0, 1, 2, 63], [5, 0, 40, 64]], np.int32)
+    sin, cos = jax.jit(lambda p: rope_tables(p, D, theta, size))(positions)
+    inv_freq = (1.0 / theta ** (np.arange(0, D, 2, dtype=np.float32) / D)).astype(np.float32)
+    angles = positions.astype(np.float32)[..., None] * inv_freq
+    angles = np.concatenate([angles, angles], axis=-1)
+    inside = positions < size
+    np.testing.assert_allclose(np.asarray(sin)[inside], np.sin(angles)[inside], atol=2e-6)
+    np.testing.assert_allclose(np.asarray(cos)[inside], np.cos(angles)[inside], atol=2e-6)
+    assert np.isnan(np.asarray(sin)[~inside]).all() and np.isnan(np.asarray(cos)[~inside]).all()
+    direct = rope_tables(jnp.asarray(positions), D, theta)
+    np.testing.assert_allclose(np.asarray(sin)[inside], np.asarray(direct[0])[inside], atol=2e-6)

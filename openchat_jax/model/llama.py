@@ -15,6 +15,7 @@ Weight layout (Ly layers, E embed, H heads, K kv_heads, D head_dim, M mlp, V voc
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -111,7 +112,16 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (scale.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float,
+                table_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """sin and cos [B, L, D] of the rotary angles. With `table_size`, they are computed once for
+    positions 0 .. table_size - 1 and looked up (a position outside the table gives NaN): computed
+    directly, XLA:CPU fuses sin and cos into each rotation and recomputes them for every head
+    (~10 ms per [8, 512, 8, 64] rotation on one core; docs/benchmarks.md)."""
+    if table_size is not None:
+        sin_TxD, cos_TxD = (t[0] for t in rope_tables(jnp.arange(table_size)[None], head_dim, theta))
+        look_up = functools.partial(jnp.take, indices=positions_BxL, axis=0, mode="fill", fill_value=jnp.nan)
+        return look_up(sin_TxD), look_up(cos_TxD)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
     angles_BxLxD = jnp.concatenate([freqs_BxLxD2, freqs_BxLxD2], axis=-1)
@@ -180,7 +190,9 @@ def forward(
     attend = get_backend(cfg.attention)
     x_BxLxE = jnp.take(params["embed"], tokens_BxL, axis=0).astype(dtype)
     x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
-    sin_BxLxD, cos_BxLxD = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
+    # A table when there is no cache (training, scoring); decoding computes its few positions directly.
+    table_size = max(tokens_BxL.shape[1], cfg.max_position_embeddings) if cache is None else None
+    sin_BxLxD, cos_BxLxD = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta, table_size)
 
     if cache is None:
         kv_segment_ids_BxS = segment_ids_BxL
