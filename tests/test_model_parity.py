@@ -148,16 +148,16 @@ def test_kv_cache_decode_matches_full_forward(gqa):
 def test_rope_table_lookup_equals_the_direct_formula():
     """`rope_tables(..., table_size)` looks the angles' sin and cos up in a table; it must equal
     NumPy's sin/cos of the same float32 angles (HF's formula), and a position outside the table
-    gives NaN rather than a silently wrong rotation."""
+    (negative ones included) gives NaN rather than a silently wrong rotation."""
     from openchat_jax.model.llama import rope_tables
 
     D, theta, size = 16, 10000.0, 64
-    positions = np.array([[0, 1, 2, 63], [5, 0, 40, 64]], np.int32)
+    positions = np.array([[0, 1, 2, 63], [5, -1, 40, 64]], np.int32)
     sin, cos = jax.jit(lambda p: rope_tables(p, D, theta, size))(positions)
     inv_freq = (1.0 / theta ** (np.arange(0, D, 2, dtype=np.float32) / D)).astype(np.float32)
     angles = positions.astype(np.float32)[..., None] * inv_freq
     angles = np.concatenate([angles, angles], axis=-1)
-    inside = positions < size
+    inside = (positions >= 0) & (positions < size)
     np.testing.assert_allclose(np.asarray(sin)[inside], np.sin(angles)[inside], atol=2e-6)
     np.testing.assert_allclose(np.asarray(cos)[inside], np.cos(angles)[inside], atol=2e-6)
     assert np.isnan(np.asarray(sin)[~inside]).all() and np.isnan(np.asarray(cos)[~inside]).all()

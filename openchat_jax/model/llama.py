@@ -115,12 +115,14 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float,
                 table_size: int | None = None) -> tuple[jax.Array, jax.Array]:
     """sin and cos [B, L, D] of the rotary angles. With `table_size`, they are computed once for
-    positions 0 .. table_size - 1 and looked up (a position outside the table gives NaN): computed
-    directly, XLA:CPU fuses sin and cos into each rotation and recomputes them for every head
-    (~10 ms per [8, 512, 8, 64] rotation on one core; docs/benchmarks.md)."""
+    positions 0 .. table_size - 1 and looked up (a position outside the table, negative ones
+    included, gives NaN rather than a wrong rotation): computed directly, XLA:CPU fuses sin and cos
+    into each rotation and recomputes them for every head (~10 ms per [8, 512, 8, 64] rotation on
+    one core; docs/benchmarks.md)."""
     if table_size is not None:
         sin_TxD, cos_TxD = (t[0] for t in rope_tables(jnp.arange(table_size)[None], head_dim, theta))
-        look_up = functools.partial(jnp.take, indices=positions_BxL, axis=0, mode="fill", fill_value=jnp.nan)
+        index_BxL = jnp.where(positions_BxL < 0, table_size, positions_BxL)  # take() would wrap negatives
+        look_up = functools.partial(jnp.take, indices=index_BxL, axis=0, mode="fill", fill_value=jnp.nan)
         return look_up(sin_TxD), look_up(cos_TxD)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
