@@ -27,52 +27,6 @@ def _attention_mask(L: int, S: int, q_segment_ids_BxL: jax.Array, kv_segment_ids
     return (causal_LxS[None] & same_segment_BxLxS)[:, None, None]
 
 
-def _masked_scores(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
-    D = q_BxLxKxGxD.shape[-1]
-    scores_BxKxGxLxS = jnp.einsum(
-        "blkgd,bskd->bkgls", q_BxLxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
-    ) * (D**-0.5)
-    return jnp.where(mask_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-
-
-def _attend_fwd(q, k, v, mask):
-    scores_BxKxGxLxS = _masked_scores(q, k, mask)
-    max_BxKxGxL = jax.lax.stop_gradient(jnp.max(scores_BxKxGxLxS, axis=-1))
-    exp_BxKxGxLxS = jnp.exp(scores_BxKxGxLxS - max_BxKxGxL[..., None])
-    sum_BxKxGxL = jnp.sum(exp_BxKxGxLxS, axis=-1)
-    probs_BxKxGxLxS = (exp_BxKxGxLxS / sum_BxKxGxL[..., None]).astype(v.dtype)
-    out_BxLxKxGxD = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS, v, preferred_element_type=jnp.float32).astype(v.dtype)
-    lse_BxKxGxL = max_BxKxGxL + jnp.log(sum_BxKxGxL)
-    # Saved: the inputs and the row log-sum-exp, not the [B, K, G, L, S] probabilities (which a
-    # layer scan would otherwise stack for every layer); the backward recomputes them.
-    return out_BxLxKxGxD, (q, k, v, mask, out_BxLxKxGxD, lse_BxKxGxL)
-
-
-def _attend_bwd(res, dout_BxLxKxGxD):
-    """The standard softmax-attention backward: dS = P * (dP - rowsum(dO * O))."""
-    q, k, v, mask, out_BxLxKxGxD, lse_BxKxGxL = res
-    D = q.shape[-1]
-    probs_BxKxGxLxS = jnp.exp(_masked_scores(q, k, mask) - lse_BxKxGxL[..., None])
-    dout = dout_BxLxKxGxD.astype(v.dtype)
-    dv_BxSxKxD = jnp.einsum("bkgls,blkgd->bskd", probs_BxKxGxLxS.astype(v.dtype), dout,
-                            preferred_element_type=jnp.float32)
-    dprobs_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", dout, v, preferred_element_type=jnp.float32)
-    delta_BxLxKxG = jnp.sum(dout_BxLxKxGxD.astype(jnp.float32) * out_BxLxKxGxD.astype(jnp.float32), axis=-1)
-    delta_BxKxGxL = jnp.transpose(delta_BxLxKxG, (0, 2, 3, 1))
-    dscores_BxKxGxLxS = (probs_BxKxGxLxS * (dprobs_BxKxGxLxS - delta_BxKxGxL[..., None]) * (D**-0.5)).astype(q.dtype)
-    dq = jnp.einsum("bkgls,bskd->blkgd", dscores_BxKxGxLxS, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkgls,blkgd->bskd", dscores_BxKxGxLxS, q, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv_BxSxKxD.astype(v.dtype), None
-
-
-@jax.custom_vjp
-def _attend(q_BxLxKxGxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_Bx1x1xLxS: jax.Array) -> jax.Array:
-    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS)[0]
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
-
-
 # Training-shaped calls attend in at most CAUSAL_BLOCKS query blocks of at least CAUSAL_BLOCK
 # positions (see `_causal_blocks`).
 CAUSAL_BLOCK = 128
@@ -85,32 +39,40 @@ def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, q_offset) 
     softmax and their gradients skip them (10 of 16 score blocks with 4 blocks). Few blocks: the
     key/value gradient accumulates over all of them, and with 32 blocks at L = 4096 the planner's
     13B peak grew by 1.3 GiB. Anything else (decoding, short rows, L not a multiple of the block)
-    attends to all S keys at once."""
+    is one block over all S keys."""
     L, S = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1]
     T = max(CAUSAL_BLOCK, L // CAUSAL_BLOCKS)
     if not (isinstance(q_offset, int) and q_offset == 0 and L == S and L > T and L % T == 0):
-        return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS)
-    return _blocked(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T)
+        T = L
+    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T)
 
 
-# The blocked path works head-major ([B, K, G, L, D] queries, [B, K, S, D] keys and values): q, k,
-# v and the output are transposed once per call, every block is a contiguous slice along the
-# length axis, and the key/value gradients accumulate in place into one buffer. In the model's
-# [B, L, K, G, D] layout each block's slices and sums cost a transpose and a pad per block.
-def _blocked_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int):
-    L, D = q_BxLxKxGxD.shape[1], q_BxLxKxGxD.shape[-1]
+# Softmax attention in query blocks of T positions, the block ending at query `end` against the keys
+# [0, end + S - L) (all S keys when T = L), with a hand-written backward. It works head-major
+# ([B, K, G, L, D] queries, [B, K, S, D] keys and values): q, k, v and the output are transposed
+# once per call, every block is a contiguous slice along the length axis, and the key/value
+# gradients accumulate in place into one buffer. In the model's [B, L, K, G, D] layout each
+# block's slices and sums cost a transpose and a pad per block.
+def _blocks(L: int, S: int, T: int) -> list[tuple[int, int, int]]:
+    """(query start, query end, key end) of each block."""
+    return [(start, start + T, start + T + S - L) for start in range(0, L, T)]
+
+
+def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int):
+    L, S, D = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1], q_BxLxKxGxD.shape[-1]
     q_BxKxGxLxD = jnp.transpose(q_BxLxKxGxD, (0, 2, 3, 1, 4))
     k_BxKxSxD = jnp.transpose(k_BxSxKxD, (0, 2, 1, 3))
     v_BxKxSxD = jnp.transpose(v_BxSxKxD, (0, 2, 1, 3))
     outs, lses = [], []
-    for start in range(0, L, T):
-        end = start + T
-        probs, lse = _block_probs(q_BxKxGxLxD[:, :, :, start:end], k_BxKxSxD[:, :, :end],
-                                  mask_Bx1x1xLxS[..., start:end, :end], D)
-        outs.append(jnp.einsum("bkgls,bksd->bkgld", probs.astype(v_BxSxKxD.dtype), v_BxKxSxD[:, :, :end],
+    for start, end, key_end in _blocks(L, S, T):
+        probs, lse = _block_probs(q_BxKxGxLxD[:, :, :, start:end], k_BxKxSxD[:, :, :key_end],
+                                  mask_Bx1x1xLxS[..., start:end, :key_end], D)
+        outs.append(jnp.einsum("bkgls,bksd->bkgld", probs.astype(v_BxSxKxD.dtype), v_BxKxSxD[:, :, :key_end],
                                preferred_element_type=jnp.float32).astype(v_BxSxKxD.dtype))
         lses.append(lse)
     out_BxKxGxLxD = jnp.concatenate(outs, axis=3)
+    # Saved: the inputs and the row log-sum-exp, not the [B, K, G, L, S] probabilities (which a
+    # layer scan would otherwise stack for every layer); the backward recomputes them.
     residuals = (q_BxKxGxLxD, k_BxKxSxD, v_BxKxSxD, mask_Bx1x1xLxS, out_BxKxGxLxD, jnp.concatenate(lses, axis=3))
     return jnp.transpose(out_BxKxGxLxD, (0, 3, 1, 2, 4)), residuals
 
@@ -120,40 +82,40 @@ def _block_probs(q_BxKxGxTxD, k_BxKxSxD, mask_Bx1x1xTxS, D: int, lse_BxKxGxT=Non
     scores = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxTxD, k_BxKxSxD, preferred_element_type=jnp.float32) * (D**-0.5)
     scores = jnp.where(mask_Bx1x1xTxS, scores, jnp.finfo(jnp.float32).min)
     if lse_BxKxGxT is None:
-        max_ = jnp.max(scores, axis=-1)
+        max_ = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
         lse_BxKxGxT = max_ + jnp.log(jnp.sum(jnp.exp(scores - max_[..., None]), axis=-1))
     return jnp.exp(scores - lse_BxKxGxT[..., None]), lse_BxKxGxT
 
 
-def _blocked_bwd(T: int, residuals, dout_BxLxKxGxD):
+def _attend_bwd(T: int, residuals, dout_BxLxKxGxD):
+    """The standard softmax-attention backward, block by block: dS = P * (dP - rowsum(dO * O))."""
     q, k, v, mask, out, lse = residuals  # head-major
-    L, D = q.shape[3], q.shape[-1]
+    L, S, D = q.shape[3], k.shape[2], q.shape[-1]
     dout = jnp.transpose(dout_BxLxKxGxD, (0, 2, 3, 1, 4)).astype(v.dtype)
     delta_BxKxGxL = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dqs = []
-    for start in range(0, L, T):
-        end = start + T
+    for start, end, key_end in _blocks(L, S, T):
         q_blk, dout_blk = q[:, :, :, start:end], dout[:, :, :, start:end]
-        probs, _ = _block_probs(q_blk, k[:, :, :end], mask[..., start:end, :end], D, lse[..., start:end])
-        dv = dv.at[:, :, :end].add(jnp.einsum("bkgls,bkgld->bksd", probs.astype(v.dtype), dout_blk,
-                                              preferred_element_type=jnp.float32))
-        dprobs = jnp.einsum("bkgld,bksd->bkgls", dout_blk, v[:, :, :end], preferred_element_type=jnp.float32)
+        probs, _ = _block_probs(q_blk, k[:, :, :key_end], mask[..., start:end, :key_end], D, lse[..., start:end])
+        dv = dv.at[:, :, :key_end].add(jnp.einsum("bkgls,bkgld->bksd", probs.astype(v.dtype), dout_blk,
+                                                  preferred_element_type=jnp.float32))
+        dprobs = jnp.einsum("bkgld,bksd->bkgls", dout_blk, v[:, :, :key_end], preferred_element_type=jnp.float32)
         dscores = (probs * (dprobs - delta_BxKxGxL[..., start:end, None]) * (D**-0.5)).astype(q.dtype)
-        dqs.append(jnp.einsum("bkgls,bksd->bkgld", dscores, k[:, :, :end], preferred_element_type=jnp.float32))
-        dk = dk.at[:, :, :end].add(jnp.einsum("bkgls,bkgld->bksd", dscores, q_blk, preferred_element_type=jnp.float32))
+        dqs.append(jnp.einsum("bkgls,bksd->bkgld", dscores, k[:, :, :key_end], preferred_element_type=jnp.float32))
+        dk = dk.at[:, :, :key_end].add(jnp.einsum("bkgls,bkgld->bksd", dscores, q_blk, preferred_element_type=jnp.float32))
     dq = jnp.transpose(jnp.concatenate(dqs, axis=3).astype(q.dtype), (0, 3, 1, 2, 4))
     to_model = lambda a: jnp.transpose(a.astype(k.dtype), (0, 2, 1, 3))  # noqa: E731
     return dq, to_model(dk), to_model(dv), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int) -> jax.Array:
-    return _blocked_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T)[0]
+def _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int) -> jax.Array:
+    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T)[0]
 
 
-_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _grouped(core: Callable[..., jax.Array], q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
@@ -168,8 +130,10 @@ def _grouped(core: Callable[..., jax.Array], q_BxLxHxD: jax.Array, k_BxSxKxD: ja
 # the row log-sum-exp for the gradient (it recomputes the probabilities); causal training calls
 # skip the key blocks after each query block.
 xla_attention: AttendFn = functools.partial(_grouped, _causal_blocks)
-# The same forward differentiated by JAX (the reference for the hand-written backward).
-xla_attention_autodiff: AttendFn = functools.partial(_grouped, lambda q, k, v, mask, q_offset: _attend.fun(q, k, v, mask))
+# The same forward, in one block over all keys, differentiated by JAX (the reference for the
+# hand-written backward).
+xla_attention_autodiff: AttendFn = functools.partial(
+    _grouped, lambda q, k, v, mask, q_offset: _attend_fwd(q, k, v, mask, q.shape[1])[0])
 
 
 _BACKENDS: dict[str, AttendFn] = {"xla": xla_attention, "xla_autodiff": xla_attention_autodiff}
