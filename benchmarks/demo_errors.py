@@ -20,7 +20,7 @@ def classify(run_dir: Path, seed: int, variant: str, digit: str) -> collections.
     counts: collections.Counter = collections.Counter()
     for qid, ref in refs.items():
         right, answer = ref["reference"], tasks.normalize(answers[qid])
-        kind = "right" if answer == right else "descending" if answer == right[::-1] else "other"
+        kind = "right" if answer == right else "descending" if answer == tasks.descending(right) else "other"
         counts[(digit in right, kind)] += 1
     return counts
 

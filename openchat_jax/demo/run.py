@@ -82,8 +82,7 @@ def task_spec(config: ml_collections.ConfigDict, seed: int) -> tasks.TaskSpec:
     d = config.demo
     return tasks.TaskSpec(
         num_train=d.num_train, num_test=d.num_test, min_length=d.min_length, max_length=d.max_length,
-        expert_fraction=d.expert_fraction, slip_rate=d.slip_rate, slip=d.get("slip", tasks.TaskSpec.slip),
-        slip_digit=d.get("slip_digit", tasks.TaskSpec.slip_digit), seed=seed,
+        expert_fraction=d.expert_fraction, slip_rate=d.slip_rate, slip=d.slip, slip_digit=d.slip_digit, seed=seed,
     )
 
 

@@ -150,10 +150,13 @@ def bench_train_step(
     jax_times: list[float] = []
     torch_times: list[float] = []
     peaks = [peak]
+    def timed(step: Any) -> list[float]:
+        return [step() for _ in range(settle_steps + steps_per_round)][settle_steps:]
+
     for _ in range(rounds):
-        jax_times += [jax_step() for _ in range(settle_steps + steps_per_round)][settle_steps:]
+        jax_times += timed(jax_step)
         if torch_step is not None:
-            torch_times += [torch_step() for _ in range(settle_steps + steps_per_round)][settle_steps:]
+            torch_times += timed(torch_step)
         peaks.append(flops_lib.measure_matmul_peak(model_cfg.dtype, n=matmul_size, device=device))
     # Other processes may share the CPU: the matmul peak is re-measured after every round and MFU
     # is taken against the best of them (conservative).
