@@ -67,11 +67,11 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Arra
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(spec, x, w) accumulated in float32, returned in x.dtype (w is cast to x.dtype first)."""
-    _parse(spec)
-    return _einsum(spec, x, w.astype(x.dtype), x.dtype)
+    return _dense_fwd(spec, x, w)[0]
 
 
 def _dense_fwd(spec: str, x: jax.Array, w: jax.Array):
+    _parse(spec)
     # Saves the weight as given (a scan over layers forwards it instead of stacking a cast copy).
     return _einsum(spec, x, w.astype(x.dtype), x.dtype), (x, w)
 
