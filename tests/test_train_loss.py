@@ -35,12 +35,12 @@ def _plain(x, w_head, t, w, c):
     return sums["wce"], sums
 
 
-@pytest.mark.parametrize("chunk", [0, 4, 8, 16])
-def test_fused_head_loss_equals_plain_loss_and_gradient(inputs, chunk):
+@pytest.mark.parametrize("chunk,skip", [(0, True), (4, True), (4, False), (8, True), (8, False), (16, True)])
+def test_fused_head_loss_equals_plain_loss_and_gradient(inputs, chunk, skip):
     x, w_head, t, w, c = inputs
 
     def fused(x, w_head):
-        sums = loss_lib.head_loss_sums(x, w_head, t, w, c, C, chunk)
+        sums = loss_lib.head_loss_sums(x, w_head, t, w, c, C, chunk, skip)
         return sums["wce"], sums
 
     (ref, ref_sums), ref_grads = jax.value_and_grad(lambda a, b: _plain(a, b, t, w, c), argnums=(0, 1), has_aux=True)(x, w_head)
@@ -89,9 +89,75 @@ def test_bfloat16_compute_keeps_gradient_dtypes(inputs):
         assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
 
 
+def _supervised_at_row_ends(rows: int, length: int, per_row: list[int]):
+    """Weights > 0 only on each row's last `per_row[b]` positions (so skipping needs the reorder),
+    padding (weight 0, an out-of-vocabulary target) elsewhere."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((rows, length, E)).astype(np.float32)
+    w_head = jnp.asarray(rng.standard_normal((E, V)) / np.sqrt(E), jnp.float32)
+    targets = np.full((rows, length), 10**6, np.int32)
+    weights = np.zeros((rows, length), np.float32)
+    class_ids = np.full((rows, length), -1, np.int32)
+    for b, n in enumerate(per_row):
+        if n:
+            targets[b, -n:] = rng.integers(0, V, n)
+            weights[b, -n:] = rng.choice([1.0, 0.1], n)
+            class_ids[b, -n:] = rng.integers(0, C, n)
+    return x, w_head, jnp.asarray(targets), jnp.asarray(weights), jnp.asarray(class_ids)
+
+
+def test_skipped_chunks_are_never_computed():
+    """2 rows x 16 positions in chunks of 4 positions (8 tokens per chunk): 8 supervised tokens fill
+    exactly the first chunk after the reorder, so the other 3 chunks must not run. The unsupervised
+    tokens' hidden states are NaN: if any of them reached the LM head, dW would be NaN."""
+    x, w_head, t, w, c = _supervised_at_row_ends(2, 16, [5, 3])
+    clean = np.where(np.asarray(w)[..., None] > 0, x, 0.0)
+    poisoned = np.where(np.asarray(w)[..., None] > 0, x, np.nan)
+    (ref, ref_sums), (rx, rw) = jax.value_and_grad(lambda a, b: _plain(a, b, t, w, c), argnums=(0, 1), has_aux=True)(jnp.asarray(clean), w_head)
+    fused = lambda a, b: loss_lib.head_loss_sums(a, b, t, w, c, C, 4, True)["wce"]  # noqa: E731
+    got, (gx, gw) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(jnp.asarray(poisoned), w_head)
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=0, atol=1e-6)
+    # Without skipping, the NaN rows are computed (their weight 0 does not stop NaN * 0 = NaN).
+    assert np.isnan(np.asarray(jax.grad(lambda b: loss_lib.head_loss_sums(jnp.asarray(poisoned), b, t, w, c, C, 4, False)["wce"])(w_head))).any()
+
+
+@pytest.mark.parametrize("per_row", [[0, 16, 2, 0], [3, 1, 4, 1], [0, 0, 0, 0]])
+def test_skip_per_batch_shard_matches_plain_loss(per_row):
+    """Under the mesh rules (batch over data=4: one reorder group per device), uneven supervised
+    counts, a row with all tokens supervised and a batch with none."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from openchat_jax.model.partitioning import use_rules
+    from openchat_jax.train import mesh as mesh_lib
+
+    x, w_head, t, w, c = _supervised_at_row_ends(4, 16, per_row)
+    mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 1, "tensor": 1}, jax.devices()[:4])
+    rows = NamedSharding(mesh, P("data"))
+
+    def fused(a, b, t, w, c):
+        with use_rules(mesh, mesh_lib.LOGICAL_AXIS_RULES):
+            sums = loss_lib.head_loss_sums(a, b, t, w, c, C, 4, True)
+        return sums["wce"], sums
+
+    args = [jax.device_put(a, rows) for a in (jnp.asarray(x), t, w, c)]
+    (got, got_sums), (gx, gw) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(args[0], w_head, *args[1:])
+    (ref, ref_sums), (rx, rw) = jax.value_and_grad(lambda a, b: _plain(a, b, t, w, c), argnums=(0, 1), has_aux=True)(jnp.asarray(x), w_head)
+    assert float(got) == pytest.approx(float(ref), rel=1e-6, abs=1e-7)
+    for key in ref_sums:
+        np.testing.assert_allclose(np.asarray(got_sums[key]), np.asarray(ref_sums[key]), rtol=1e-6, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=0, atol=1e-6)
+    assert float(got_sums["tokens"]) == sum(per_row)
+
+
 def test_loss_options_pick_a_dividing_chunk_or_refuse():
     cfg = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
-    assert loss_options(cfg(), 4096) == {"fused_head": True, "loss_chunk_length": 0}
+    assert loss_options(cfg(), 4096) == {"fused_head": True, "loss_chunk_length": 0, "skip_unsupervised_logits": True}
+    assert loss_options(cfg(skip_unsupervised_logits=False), 64)["skip_unsupervised_logits"] is False
+    with pytest.raises(ConfigError, match="skip_unsupervised_logits"):
+        loss_options(cfg(skip_unsupervised_logits="no"), 64)
     assert loss_options(cfg(loss_chunk_length=512), 4096)["loss_chunk_length"] == 512
     assert loss_options(cfg(loss_chunk_length=512), 128)["loss_chunk_length"] == 0  # shorter rows: whole rows
     assert loss_options(cfg(loss_chunk_length=512), 1000)["loss_chunk_length"] == 500

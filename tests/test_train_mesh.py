@@ -37,7 +37,9 @@ def run_five_steps(mesh_cfg, num_devices):
     mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:num_devices])
     tx, schedule, _ = make_optimizer(TRAIN, total_steps=5, tokens_per_step=8 * L)
     state = init_train_state(CFG, tx, mesh, seed=0)
-    step = make_train_step(CFG, tx, schedule, mesh, num_classes=2, micro_batches=1)
+    # Loss chunks of 64 positions: the fused head reorders each batch shard's tokens
+    # supervised-first and skips the chunks past them (loss.head_loss_sums), on every mesh.
+    step = make_train_step(CFG, tx, schedule, mesh, num_classes=2, micro_batches=1, loss_chunk_length=64)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(5):

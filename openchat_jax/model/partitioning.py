@@ -74,3 +74,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
+
+
+def shard_count(axis: str, size: int) -> int:
+    """How many shards `constrain` splits a dimension of `size` along logical `axis` into (1 when
+    no rules are active)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    spec = logical_to_spec((axis,), rules, mesh, (size,))[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return _product(mesh, names)

@@ -49,6 +49,10 @@ def train_defaults() -> ml_collections.ConfigDict:
         # largest divisor of data.max_length not above it), bounding its [B, chunk, V] temporaries;
         # 0 = whole rows. (128 measured fastest on a 2-core CPU at L=512: docs/benchmarks.md.)
         "loss_chunk_length": 512,
+        # The fused head loss (with chunks) computes no logits for tokens of weight 0 (prompts,
+        # padding): each batch shard's tokens go supervised-first and the chunks past the last
+        # supervised token are skipped. Same loss and gradients either way.
+        "skip_unsupervised_logits": True,
         # (set in base_config: a reference to data.conditioned)
         "log_every": 1,
         "progress": True,

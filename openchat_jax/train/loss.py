@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from openchat_jax.model.llama import lm_head
+from openchat_jax.model.partitioning import constrain, shard_count
 
 Sums = dict[str, jax.Array]
 
@@ -94,6 +95,7 @@ def head_loss_sums(
     class_ids_BxL: jax.Array,
     num_classes: int,
     chunk_length: int = 0,
+    skip_unsupervised: bool = True,
 ) -> Sums:
     """`loss_sums(lm_head(x, W), ...)` for training, with the LM head fused into the loss.
 
@@ -103,8 +105,14 @@ def head_loss_sums(
     only inside one pass over `chunk_length` positions at a time (0 = the whole row), are never
     kept for the backward, and need no layout transposes there. Gradients flow only through
     sums["wce"]; every other sum (per class CE included) is a metric with zero gradient.
+
+    `skip_unsupervised` (with chunks): tokens of weight 0 (prompts, padding) add nothing to the
+    loss or its gradient, so their logits are not computed. The tokens each batch shard holds are
+    put supervised-first (a stable, shard-local permutation; the batch sharding is kept) and the
+    chunks past the last supervised token are never run. Results are the same either way; see
+    `_fused_head_ce_impl`.
     """
-    wce, ce_BxL, top1_BxL = _fused_head_ce(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length)
+    wce, ce_BxL, top1_BxL = _fused_head_ce(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip_unsupervised)
     sums = _sums(jax.lax.stop_gradient(ce_BxL), top1_BxL, w_BxL, class_ids_BxL, num_classes)
     sums["wce"] = wce
     return sums
@@ -128,44 +136,84 @@ def _head_chunk(x_BxCxE: jax.Array, lm_head_ExV: jax.Array, targets_BxC: jax.Arr
     return wce, ce_BxC, top1_BxC, dx_BxCxE.astype(x_BxCxE.dtype), dw_ExV
 
 
-def _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length: int, grads: bool):
+def _chunked_head(x_NxRxCxE, lm_head_ExV, targets_NxRxC, w_NxRxC, num_chunks: jax.Array | int, grads: bool):
+    """`_head_chunk` on chunks [i] for i < num_chunks (traced: a dynamic trip count) of chunk-major
+    inputs (each chunk contiguous); outputs of chunks not run stay 0 (CE, dx) / False (top-1)."""
+    at = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
+    put = lambda buf, a, i: jax.lax.dynamic_update_index_in_dim(buf, a, i, axis=0)  # noqa: E731
+
+    def body(i, carry):
+        wce, ce, top1, dx, dw = carry
+        wce_c, ce_c, top1_c, dx_c, dw_c = _head_chunk(at(x_NxRxCxE, i), lm_head_ExV, at(targets_NxRxC, i), at(w_NxRxC, i), grads)
+        if grads:
+            dx, dw = put(dx, dx_c, i), dw + dw_c
+        return wce + wce_c, put(ce, ce_c, i), put(top1, top1_c, i), dx, dw
+
+    init = (
+        jnp.zeros((), jnp.float32), jnp.zeros(w_NxRxC.shape, jnp.float32), jnp.zeros(w_NxRxC.shape, bool),
+        jnp.zeros_like(x_NxRxCxE) if grads else None, jnp.zeros(lm_head_ExV.shape, jnp.float32) if grads else None,
+    )
+    return jax.lax.fori_loop(0, num_chunks, body, init)
+
+
+def _supervised_first(w_GxN: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A stable permutation of each row putting tokens of weight > 0 first, its inverse, and the
+    most supervised tokens in any row."""
+    supervised_GxN = w_GxN > 0
+    order_GxN = jnp.argsort(~supervised_GxN, axis=1, stable=True)
+    return order_GxN, jnp.argsort(order_GxN, axis=1), supervised_GxN.sum(axis=1).max()
+
+
+def _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length: int, skip: bool, grads: bool):
     B, L, E = x_BxLxE.shape
     if chunk_length <= 0 or chunk_length >= L:
         wce, ce, top1, dx, dw = _head_chunk(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, grads)
-    else:
-        if L % chunk_length:
-            raise ValueError(f"loss chunk length {chunk_length} does not divide the sequence length {L}")
-        n = L // chunk_length
-        chunks = lambda a: jnp.moveaxis(a.reshape(B, n, chunk_length, *a.shape[2:]), 1, 0)  # noqa: E731
-        unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(B, L, *a.shape[3:])  # noqa: E731
-
-        def body(dw_acc, xs):
-            wce_c, ce_c, top1_c, dx_c, dw_c = _head_chunk(xs[0], lm_head_ExV, xs[1], xs[2], grads)
-            return (dw_acc + dw_c if grads else None), (wce_c, ce_c, top1_c, dx_c)
-
-        dw0 = jnp.zeros(lm_head_ExV.shape, jnp.float32) if grads else None
-        dw, (wce, ce, top1, dx) = jax.lax.scan(body, dw0, (chunks(x_BxLxE), chunks(targets_BxL), chunks(w_BxL)))
-        wce, ce, top1 = wce.sum(), unchunk(ce), unchunk(top1)
+        return ((wce, ce, top1), (dx, dw.astype(lm_head_ExV.dtype))) if grads else ((wce, ce, top1), None)
+    if L % chunk_length:
+        raise ValueError(f"loss chunk length {chunk_length} does not divide the sequence length {L}")
+    n = L // chunk_length
+    # [R, n * C, ...] -> chunk-major [n, R, C, ...] and back.
+    chunks = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, -1, *a.shape[2:]), 1, 0)  # noqa: E731
+    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, *a.shape[3:])  # noqa: E731
+    if not skip:
+        wce, ce, top1, dx, dw = _chunked_head(chunks(x_BxLxE), lm_head_ExV, chunks(targets_BxL), chunks(w_BxL), n, grads)
+        ce, top1 = unchunk(ce), unchunk(top1)
         dx = unchunk(dx) if grads else None
+    else:
+        # One group per batch shard (G = 1 on one device): each group's B/G rows are flattened
+        # into one sequence of N tokens, reordered supervised-first, and walked in n chunks of
+        # the same size as without skipping (B/G rows x chunk_length positions); only the first
+        # ceil(most supervised tokens in a group / chunk size) chunks run.
+        G = shard_count("batch", B)
+        N = B // G * L
+        group = lambda a: constrain(a.reshape(G, N, *a.shape[2:]), ("batch", "length", "embed")[: a.ndim])  # noqa: E731
+        take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+        order, inverse, most = _supervised_first(group(w_BxL))
+        x, targets, w = (chunks(take(group(a), order)) for a in (x_BxLxE, targets_BxL, w_BxL))
+        size = N // n
+        wce, ce, top1, dx, dw = _chunked_head(x, lm_head_ExV, targets, w, (most + size - 1) // size, grads)
+        ungroup = lambda a: take(unchunk(a), inverse).reshape(B, L, *a.shape[3:])  # noqa: E731
+        ce, top1 = ungroup(ce), ungroup(top1)
+        dx = ungroup(dx) if grads else None
     if not grads:
         return (wce, ce, top1), None
     return (wce, ce, top1), (dx, dw.astype(lm_head_ExV.dtype))
 
 
-def _fused_head_ce_fwd(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length):
-    return _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, grads=True)
+def _fused_head_ce_fwd(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip):
+    return _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip, grads=True)
 
 
-def _fused_head_ce_bwd(chunk_length, residuals, cotangents):
-    del chunk_length
+def _fused_head_ce_bwd(chunk_length, skip, residuals, cotangents):
+    del chunk_length, skip
     dx, dw = residuals
     g_wce = cotangents[0]  # ce and top1 are stop-gradient'ed by head_loss_sums
     return (g_wce * dx).astype(dx.dtype), (g_wce * dw).astype(dw.dtype), None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_head_ce(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length):
-    return _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, grads=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_head_ce(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip):
+    return _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip, grads=False)[0]
 
 
 _fused_head_ce.defvjp(_fused_head_ce_fwd, _fused_head_ce_bwd)

@@ -146,10 +146,12 @@ def train_step(
     param_shardings: Any = None,
     fused_head: bool = True,
     loss_chunk_length: int = 0,
+    skip_unsupervised_logits: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The un-jitted step (see module doc). Call under `use_rules` to shard activations.
     `fused_head`: the LM head is applied inside the loss (`loss.head_loss_sums`, chunks of
-    `loss_chunk_length` positions); False differentiates logits -> `loss_sums` as written."""
+    `loss_chunk_length` positions, skipping the chunks that hold no supervised token when
+    `skip_unsupervised_logits`); False differentiates logits -> `loss_sums` as written."""
     params = state["params"]
     batch = {k: batch[k] for k in BATCH_KEYS}
     batch["weights"] = token_weights(batch["weights"], weighted)
@@ -160,7 +162,7 @@ def train_step(
         if fused_head:
             x = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"], apply_lm_head=False)
             sums = head_loss_sums(x, p["lm_head"].astype(model_cfg.compute_dtype), mb["targets"], mb["weights"],
-                                  mb["class_ids"], num_classes, loss_chunk_length)
+                                  mb["class_ids"], num_classes, loss_chunk_length, skip_unsupervised_logits)
         else:
             logits = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"])
             sums = loss_sums(logits, mb["targets"], mb["weights"], mb["class_ids"], num_classes)
@@ -220,7 +222,11 @@ def loss_options(train_cfg: Any, seq_len: int) -> dict[str, Any]:
         chunk = divisor
     else:
         chunk = 0
-    return {"fused_head": bool(train_cfg.get("fused_head_loss", True)), "loss_chunk_length": chunk}
+    skip = train_cfg.get("skip_unsupervised_logits", True)
+    if not isinstance(skip, bool):
+        raise ConfigError(f"train.skip_unsupervised_logits={skip!r} must be True or False")
+    return {"fused_head": bool(train_cfg.get("fused_head_loss", True)), "loss_chunk_length": chunk,
+            "skip_unsupervised_logits": skip}
 
 
 def make_train_step(
@@ -236,6 +242,7 @@ def make_train_step(
     donate: bool = True,
     fused_head: bool = True,
     loss_chunk_length: int = 0,
+    skip_unsupervised_logits: bool = True,
 ) -> StepFn:
     """jit(train_step) with the state's and batch's shardings fixed; the state is donated."""
     shardings = state_shardings(model_cfg, tx, mesh, rules)
@@ -246,6 +253,7 @@ def make_train_step(
                 state, batch, model_cfg=model_cfg, tx=tx, schedule=schedule, num_classes=num_classes,
                 micro_batches=micro_batches, weighted=weighted, param_shardings=shardings["params"],
                 fused_head=fused_head, loss_chunk_length=loss_chunk_length,
+                skip_unsupervised_logits=skip_unsupervised_logits,
             )
 
     return jax.jit(
