@@ -16,6 +16,7 @@ def test_bench_train_step_smoke(tmp_path, capsys):
         "    c.model.update(vocab_size=256, embed=32, mlp=64, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16)\n"
         "    c.data.max_length = 32\n"
         "    c.train.global_batch_size = 8\n"
+        "    c.train.loss_chunk_length = 8\n"
         "    return c\n"
     )
     out = tmp_path / "bench.json"
@@ -32,6 +33,14 @@ def test_bench_train_step_smoke(tmp_path, capsys):
     assert result["speedup_vs_torch"] == result["torch_step_seconds"] / result["jax_step_seconds"]
     assert result["jax_mfu"] == result["jax_tokens_per_second"] * result["flops_per_token"] / result["matmul_peak_flops"]
     assert result["matmul_peak_flops"] == max(result["matmul_peaks"]) > 0
+    # ~60% of the bench batch's targets are supervised: the loss skips the chunks (8 rows x 8
+    # positions) past them, and the executed share of the peak leaves out their LM-head FLOPs.
+    head = result["jax_lm_head_tokens"]
+    assert 0 < head < 8 * 32 and head % 64 == 0
+    skipped_flops = (8 * 32 - head) / (8 * 32) * 6 * 32 * 256
+    expected = result["jax_tokens_per_second"] * (result["flops_per_token"] - skipped_flops) / result["matmul_peak_flops"]
+    assert abs(result["jax_executed_fraction_of_peak"] - expected) <= 1e-9 * expected
+    assert f"logits for {head:.0f} of 256 positions" in printed
 
 
 def test_bench_rejects_a_negative_settle_count():

@@ -10,7 +10,10 @@ on the same model, batch and optimizer step, on this machine's CPU.
    framework ran pays for its thread pool and caches (~1 s for JAX on a 2-core VM).
 3. Work per step is the same on both sides: B rows of L tokens, one conversation per row (HF has
    no packing), weighted CE sum(w * CE) / sum(w), backward, global-norm clip 1.0, AdamW update.
-MFU uses the FLOPs formula of openchat_jax.train.flops (model FLOPs, not counting remat).
+MFU uses the FLOPs formula of openchat_jax.train.flops (model FLOPs, not counting remat). Our
+loss computes no logits for tokens of weight 0 (train.skip_unsupervised_logits) where torch computes
+them all, so the JAX side also reports the share of the peak in FLOPs it executed: the formula
+less the LM head's FLOPs for the positions it skipped.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class JaxStep:
         self.state, metrics = self.compiled(self.state, self.batch)
         loss = float(metrics["loss"])  # blocks until the step is done
         self.last_loss = loss
+        self.lm_head_tokens = float(metrics["lm_head_tokens"])
         return time.perf_counter() - t0
 
 
@@ -171,8 +175,15 @@ def bench_train_step(
     }
     result["jax_tokens_per_second"] = tokens / result["jax_step_seconds"]
     result["jax_mfu"] = result["jax_tokens_per_second"] * fpt / peak
+    skipped = tokens - jax_step.lm_head_tokens
+    result["jax_lm_head_tokens"] = jax_step.lm_head_tokens
+    result["jax_executed_fraction_of_peak"] = (
+        result["jax_tokens_per_second"] * (fpt - skipped / tokens * flops_lib.lm_head_flops_per_token(model_cfg)) / peak)
     report(f"jax   step: median {result['jax_step_seconds']:.3f} s (min {min(jax_times):.3f}), "
            f"{result['jax_tokens_per_second']:.0f} tokens/s, {100 * result['jax_mfu']:.1f}% of matmul peak")
+    if skipped:
+        report(f"      the loss computed logits for {jax_step.lm_head_tokens:.0f} of {tokens} positions (the rest have "
+               f"weight 0): FLOPs executed {100 * result['jax_executed_fraction_of_peak']:.1f}% of matmul peak")
     if torch_step is not None:
         result["torch_step_seconds"] = statistics.median(torch_times)
         result["torch_step_times"] = torch_times

@@ -43,6 +43,12 @@ def matmul_params(cfg: LlamaConfig) -> int:
     return cfg.num_layers * per_layer + cfg.embed * cfg.vocab_size
 
 
+def lm_head_flops_per_token(cfg: LlamaConfig) -> float:
+    """The LM head's share of `flops_per_token` (a loss that skips unsupervised tokens' logits
+    does not execute it for them)."""
+    return 6.0 * cfg.embed * cfg.vocab_size
+
+
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
 

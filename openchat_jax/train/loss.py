@@ -84,7 +84,9 @@ def loss_sums(
     weight (see `token_weights`); a token is supervised iff its weight is > 0. class id -1 (pad)
     falls in no class."""
     ce_BxL, top1_BxL = cross_entropy(logits_BxLxV, targets_BxL)
-    return _sums(ce_BxL, top1_BxL, w_BxL, class_ids_BxL, num_classes)
+    sums = _sums(ce_BxL, top1_BxL, w_BxL, class_ids_BxL, num_classes)
+    sums["lm_head_tokens"] = jnp.asarray(targets_BxL.size, jnp.float32)
+    return sums
 
 
 def head_loss_sums(
@@ -110,11 +112,12 @@ def head_loss_sums(
     loss or its gradient, so their logits are not computed. The tokens each batch shard holds are
     put supervised-first (a stable, shard-local permutation; the batch sharding is kept) and the
     chunks past the last supervised token are never run. Results are the same either way; see
-    `_fused_head_ce_impl`.
+    `_fused_head_ce_impl`. sums["lm_head_tokens"] counts the positions whose logits were computed.
     """
-    wce, ce_BxL, top1_BxL = _fused_head_ce(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip_unsupervised)
+    wce, ce_BxL, top1_BxL, computed = _fused_head_ce(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip_unsupervised)
     sums = _sums(jax.lax.stop_gradient(ce_BxL), top1_BxL, w_BxL, class_ids_BxL, num_classes)
     sums["wce"] = wce
+    sums["lm_head_tokens"] = computed
     return sums
 
 
@@ -168,7 +171,8 @@ def _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length: 
     B, L, E = x_BxLxE.shape
     if chunk_length <= 0 or chunk_length >= L:
         wce, ce, top1, dx, dw = _head_chunk(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, grads)
-        return ((wce, ce, top1), (dx, dw.astype(lm_head_ExV.dtype))) if grads else ((wce, ce, top1), None)
+        out = (wce, ce, top1, jnp.asarray(B * L, jnp.float32))
+        return (out, (dx, dw.astype(lm_head_ExV.dtype))) if grads else (out, None)
     if L % chunk_length:
         raise ValueError(f"loss chunk length {chunk_length} does not divide the sequence length {L}")
     n = L // chunk_length
@@ -177,6 +181,7 @@ def _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length: 
     unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, *a.shape[3:])  # noqa: E731
     if not skip:
         wce, ce, top1, dx, dw = _chunked_head(chunks(x_BxLxE), lm_head_ExV, chunks(targets_BxL), chunks(w_BxL), n, grads)
+        computed = jnp.asarray(B * L, jnp.float32)
         ce, top1 = unchunk(ce), unchunk(top1)
         dx = unchunk(dx) if grads else None
     else:
@@ -191,13 +196,15 @@ def _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length: 
         order, inverse, most = _supervised_first(group(w_BxL))
         x, targets, w = (chunks(take(group(a), order)) for a in (x_BxLxE, targets_BxL, w_BxL))
         size = N // n
-        wce, ce, top1, dx, dw = _chunked_head(x, lm_head_ExV, targets, w, (most + size - 1) // size, grads)
+        run = (most + size - 1) // size
+        wce, ce, top1, dx, dw = _chunked_head(x, lm_head_ExV, targets, w, run, grads)
+        computed = (run * size * G).astype(jnp.float32)
         ungroup = lambda a: take(unchunk(a), inverse).reshape(B, L, *a.shape[3:])  # noqa: E731
         ce, top1 = ungroup(ce), ungroup(top1)
         dx = ungroup(dx) if grads else None
     if not grads:
-        return (wce, ce, top1), None
-    return (wce, ce, top1), (dx, dw.astype(lm_head_ExV.dtype))
+        return (wce, ce, top1, computed), None
+    return (wce, ce, top1, computed), (dx, dw.astype(lm_head_ExV.dtype))
 
 
 def _fused_head_ce_fwd(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip):
@@ -207,7 +214,7 @@ def _fused_head_ce_fwd(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, s
 def _fused_head_ce_bwd(chunk_length, skip, residuals, cotangents):
     del chunk_length, skip
     dx, dw = residuals
-    g_wce = cotangents[0]  # ce and top1 are stop-gradient'ed by head_loss_sums
+    g_wce = cotangents[0]  # ce, top1 and the count are stop-gradient'ed / integral
     return (g_wce * dx).astype(dx.dtype), (g_wce * dw).astype(dw.dtype), None, None
 
 
@@ -224,7 +231,7 @@ def zero_sums(num_classes: int) -> Sums:
     vec = jnp.zeros((num_classes,), jnp.float32)
     return {
         "wce": scalar, "weight": scalar, "class_wce": vec, "class_weight": vec,
-        "class_tokens": vec, "class_correct": vec, "tokens": scalar, "correct": scalar,
+        "class_tokens": vec, "class_correct": vec, "tokens": scalar, "correct": scalar, "lm_head_tokens": scalar,
     }
 
 
@@ -244,4 +251,6 @@ def sums_to_metrics(sums: Sums) -> dict[str, Any]:
         "class_loss": _safe_div(sums["class_wce"], sums["class_weight"]),
         "class_accuracy": _safe_div(sums["class_correct"], sums["class_tokens"]),
         "class_tokens": sums["class_tokens"],
+        # Positions whose logits were computed (< all tokens when the fused loss skips unsupervised ones).
+        "lm_head_tokens": sums["lm_head_tokens"],
     }
