@@ -176,35 +176,36 @@ def _fused_head_ce_impl(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length: 
     if L % chunk_length:
         raise ValueError(f"loss chunk length {chunk_length} does not divide the sequence length {L}")
     n = L // chunk_length
-    # [R, n * C, ...] -> chunk-major [n, R, C, ...] and back.
-    chunks = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, -1, *a.shape[2:]), 1, 0)  # noqa: E731
-    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, *a.shape[3:])  # noqa: E731
-    if not skip:
-        wce, ce, top1, dx, dw = _chunked_head(chunks(x_BxLxE), lm_head_ExV, chunks(targets_BxL), chunks(w_BxL), n, grads)
-        computed = jnp.asarray(B * L, jnp.float32)
-        ce, top1 = unchunk(ce), unchunk(top1)
-        dx = unchunk(dx) if grads else None
-    else:
-        # One group per batch shard (G = 1 on one device): each group's B/G rows are flattened
-        # into one sequence of N tokens, reordered supervised-first, and walked in n chunks of
-        # the same size as without skipping (B/G rows x chunk_length positions); only the first
-        # ceil(most supervised tokens in a group / chunk size) chunks run.
-        G = shard_count("batch", B)
-        N = B // G * L
-        group = lambda a: constrain(a.reshape(G, N, *a.shape[2:]), ("batch", "length", "embed")[: a.ndim])  # noqa: E731
-        take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+    # The rows are walked in groups of B/G rows flattened into N tokens, n chunks of B/G rows x
+    # chunk_length positions each. Without skipping, every row is a group and keeps its order.
+    # Skipping: one group per batch shard (G = 1 on one device), reordered supervised-first, and
+    # only the first ceil(most supervised tokens in a group / chunk size) chunks run.
+    G = shard_count("batch", B) if skip else B
+    N = B // G * L
+    size = N // n
+
+    def group(a):  # [B, L, ...] -> [G, N, ...], sharded like the batch
+        return constrain(a.reshape(G, N, *a.shape[2:]), ("batch", "length", "embed")[: a.ndim])
+
+    if skip:
         order, inverse, most = _supervised_first(group(w_BxL))
-        x, targets, w = (chunks(take(group(a), order)) for a in (x_BxLxE, targets_BxL, w_BxL))
-        size = N // n
         run = (most + size - 1) // size
-        wce, ce, top1, dx, dw = _chunked_head(x, lm_head_ExV, targets, w, run, grads)
-        computed = (run * size * G).astype(jnp.float32)
-        ungroup = lambda a: take(unchunk(a), inverse).reshape(B, L, *a.shape[3:])  # noqa: E731
-        ce, top1 = ungroup(ce), ungroup(top1)
-        dx = ungroup(dx) if grads else None
-    if not grads:
-        return (wce, ce, top1, computed), None
-    return (wce, ce, top1, computed), (dx, dw.astype(lm_head_ExV.dtype))
+    else:
+        order = inverse = None
+        run = n
+
+    def take(a, idx):
+        return a if idx is None else jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
+    def chunks(a):  # [B, L, ...] -> chunk-major [n, G, size, ...]
+        return jnp.moveaxis(take(group(a), order).reshape(G, n, size, *a.shape[2:]), 1, 0)
+
+    def unchunk(a):  # chunk-major [n, G, size, ...] -> [B, L, ...] in the original order
+        return take(jnp.moveaxis(a, 0, 1).reshape(G, N, *a.shape[3:]), inverse).reshape(B, L, *a.shape[3:])
+
+    wce, ce, top1, dx, dw = _chunked_head(chunks(x_BxLxE), lm_head_ExV, chunks(targets_BxL), chunks(w_BxL), run, grads)
+    out = (wce, unchunk(ce), unchunk(top1), jnp.asarray(run * size * G, jnp.float32))
+    return (out, (unchunk(dx), dw.astype(lm_head_ExV.dtype))) if grads else (out, None)
 
 
 def _fused_head_ce_fwd(x_BxLxE, lm_head_ExV, targets_BxL, w_BxL, chunk_length, skip):
