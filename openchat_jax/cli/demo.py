@@ -12,8 +12,8 @@ from openchat_jax.cli import ConfigOverridesParser
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="C-RLFT vs SFT in miniature: mixed-quality digit sorting, a tiny Llama trained on the CPU",
-        description="Generates mixed-quality digit-sorting conversations (10%% from an expert that is always right, "
-                    "90%% from a source that often writes the right digits in descending order), runs prepare -> train -> generate, and scores "
+        description="Generates mixed-quality digit-sorting conversations (10% from an expert that is always right, "
+                    "90% from a source that often writes the right digits in descending order), runs prepare -> train -> generate, and scores "
                     "exact match on held-out questions under the expert and the sub-optimal condition. Writes "
                     "OUT/table.md, OUT/demo.png and OUT/results.json.",
     )
