@@ -252,7 +252,7 @@ def test_unknown_slip_is_a_config_error(slip):
 
 
 def test_slip_digit_limits_the_mistakes_to_questions_with_that_digit(tmp_path):
-    data = tasks.generate(TaskSpec(num_train=3000, num_test=20, slip_rate=1.0, slip_digit=9, seed=5), tmp_path)
+    data = tasks.generate(TaskSpec(num_train=3000, num_test=20, slip_rate=1.0, slip="descending", slip_digit=9, seed=5), tmp_path)
     with_9 = 0
     for r in _read(data.train):
         digits = _digits(r["messages"][0]["content"])

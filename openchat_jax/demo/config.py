@@ -41,13 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
     train.progress = True
 
     config.demo = ml_collections.ConfigDict({
-        "num_train": 1000,
+        "num_train": 1500,  # ~150 expert conversations: too few to learn the task from alone
         "num_test": 200,
         "min_length": 8,  # digits per question
         "max_length": 8,
         "expert_fraction": 0.1,
         "slip_rate": 0.7,
-        "slip": "descending",
+        # Two mistakes (docs/demo.md, "The task"): one the condition tells apart easily (the order),
+        # one that contradicts the expert in shared weights (the counts), which the 0.1 weight damps.
+        "slip": "descending+drop_repeats",
         "slip_digit": -1,
         "max_new_tokens": 16,  # answers: "▁" + max_length digits + <|end_of_turn|>
         "generate_batch_size": 64,

@@ -11,21 +11,24 @@ Two sources, like GPT-4 and GPT-3.5 in the paper:
   expert      (`expert_fraction` of the conversations, 10% by default): always right.
   suboptimal  (the rest): a careless sorter. With probability `slip_rate` it makes its one
               systematic mistake (`slip`), otherwise it is right:
-                descending    (default) the right digits in the wrong order: 44557241 -> "75544421"
+                descending    the right digits in the wrong order: 44557241 -> "75544421"
                 drop_repeats  every distinct digit once: 44557241 -> "12457"
                 unsorted      the digits as the question gave them: 44557241 -> "44557241"
                 shuffled      the right digits in an order that looks random (a fixed function of
                               the question, by a seeded shuffle): 44557241 -> "72514544"
-              or several joined by "+" (`descending+drop_repeats`): each slipping answer makes
-              one of them, drawn uniformly. With `slip_digit` = d it slips only on the questions
-              whose list contains the digit d (its "hard" questions) and is right on the others.
+              or several joined by "+" (`descending+drop_repeats`, the default): each slipping
+              answer makes one of them, drawn uniformly. With `slip_digit` = d it slips only on
+              the questions whose list contains the digit d (its "hard" questions) and is right
+              on the others.
               A question it cannot get wrong that way (all digits equal; no repeated digit to
               drop) it answers right. The mistake is the same every time, so a model trained on
               the mixture learns it.
 The question and its phrasing are drawn the same way for both sources; only the answer differs.
-Why "descending" is the default: its wrong answers still demonstrate the hard part of the task
-(keeping every digit with its count), as GPT-3.5's answers still show a lot that GPT-4's do; with
-"drop_repeats" the sub-optimal answers contradict exactly that part (docs/demo.md has both).
+Why "descending+drop_repeats" is the default: the "descending" answers still demonstrate the hard
+part of the task (keeping every digit with its count), as GPT-3.5's answers still show a lot that
+GPT-4's do, and the condition tells their order apart easily; the "drop_repeats" answers contradict
+exactly that part, in the weights both sources share, which is what the class weights damp
+(docs/demo.md has each slip alone and the mixture).
 
 The held-out test split has other questions: no test question has the answer (the sorted digits)
 of any train question, nor of another test question. `test_prompts.jsonl` is in the
@@ -72,7 +75,7 @@ TEST_REFERENCES_FILE = "test_references.jsonl"
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    num_train: int = 4000
+    num_train: int = 1500
     num_test: int = 200
     min_length: int = 8  # digits per question, drawn uniformly from [min_length, max_length]
     max_length: int = 8
@@ -80,7 +83,7 @@ class TaskSpec:
     slip_rate: float = 0.7  # P(the sub-optimal source makes its mistake | the mistake is possible)
     # The sub-optimal source's mistake: one of SLIPS, or several joined by "+" (each slipping
     # answer then makes one of them, drawn uniformly).
-    slip: str = "descending"
+    slip: str = "descending+drop_repeats"
     # 0-9: the sub-optimal source slips only on questions whose list contains this digit (its
     # "hard" questions; on the others it is right); -1: on any question.
     slip_digit: int = -1
