@@ -1,6 +1,12 @@
-"""Kinds of wrong answers under the expert condition in a demo run (docs/demo.md, "Do the reward
-weights matter?"): right, the sub-optimal source's descending answer, or another mistake, split by
-whether the list holds a given digit.
+"""Kinds of answers under the expert condition in a demo run (docs/demo.md, "Do the reward weights
+matter?"), split by whether the list holds a given digit:
+
+  right         the reference
+  descending    the sub-optimal source's "descending" mistake, exactly
+  drop_repeats  its "drop_repeats" mistake, exactly
+  fewer_repeats shorter, every distinct digit kept, some repeats lost (drop_repeats half done)
+  wrong_length  any other answer of the wrong length
+  miscount      the right length, the wrong digits (the task's hard part: a digit's count)
 
     python benchmarks/demo_errors.py runs/demo --seeds 0,1,2 --digit 9 --variants no_weights,crlft
 """
@@ -13,15 +19,27 @@ from pathlib import Path
 
 from openchat_jax.demo import tasks
 
+KINDS = ("right", "descending", "drop_repeats", "fewer_repeats", "wrong_length", "miscount")
+
+
+def kind(answer: str, right: str) -> str:
+    if answer == right:
+        return "right"
+    for slip in ("descending", "drop_repeats"):  # the slips that depend on the digits alone
+        if answer == tasks.SLIPS[slip](right):
+            return slip
+    if len(answer) < len(right) and set(answer) == set(right) and not collections.Counter(answer) - collections.Counter(right):
+        return "fewer_repeats"
+    return "wrong_length" if len(answer) != len(right) else "miscount"
+
 
 def classify(run_dir: Path, seed: int, variant: str, digit: str) -> collections.Counter:
     refs = tasks.read_references(run_dir / f"seed{seed}" / "data" / tasks.TEST_REFERENCES_FILE)
     answers = tasks.read_answers(run_dir / f"seed{seed}" / variant / "answers_expert.jsonl")
     counts: collections.Counter = collections.Counter()
     for qid, ref in refs.items():
-        right, answer = ref["reference"], tasks.normalize(answers[qid])
-        kind = "right" if answer == right else "descending" if answer == tasks.descending(right) else "other"
-        counts[(digit in right, kind)] += 1
+        right = ref["reference"]
+        counts[(digit in right, kind(tasks.normalize(answers[qid]), right))] += 1
     return counts
 
 
@@ -38,8 +56,8 @@ def main() -> None:
             total += classify(args.run_dir, seed, variant, args.digit)
         for has in (True, False):
             n = sum(v for (h, _), v in total.items() if h == has)
-            print(f"{variant:12s} lists {'with' if has else 'without'} {args.digit}: {n:4d}  right {total[(has, 'right')]:4d}  "
-                  f"descending {total[(has, 'descending')]:4d}  other {total[(has, 'other')]:4d}")
+            kinds = "  ".join(f"{k} {total[(has, k)]:3d}" for k in KINDS)
+            print(f"{variant:12s} lists {'with' if has else 'without'} {args.digit}: {n:4d}  {kinds}")
 
 
 if __name__ == "__main__":
