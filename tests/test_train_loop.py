@@ -275,3 +275,19 @@ def test_checkpoint_and_stop_seams_resume_where_they_left(fake_run):
     np.testing.assert_allclose([r["loss"] for r in second.history], [r["loss"] for r in straight.history[3:]], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(second.state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_progress_bar_refreshes_rarely_when_stderr_is_a_log(capsys):
+    from openchat_jax.train.metrics import ProgressBar
+
+    import time
+
+    bar = ProgressBar(total=300)
+    for step in range(300):  # ~1.5 s: a terminal bar would refresh ~15 times
+        time.sleep(0.005)
+        bar.update(1, {"loss": 1.0 / (step + 1)})
+    bar.close()
+    err = capsys.readouterr().err
+    refreshes = err.count("\r") + err.count("\n")
+    # pytest's captured stderr is not a terminal: the start, maybe one timed refresh, the close.
+    assert "300/300" in err and refreshes <= 4, err

@@ -81,15 +81,29 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+LOG_REFRESH_SECONDS = 30.0
+
+
 class ProgressBar:
     """tqdm bar showing loss, tokens/s and MFU; silent when disabled."""
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self._bar = None
         if enabled:
+            import sys
+
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            # Redirected to a log file (pods, CI, `> log`), every refresh would be kept: refresh
+            # rarely there; the full per-step record is metrics.jsonl.
+            interactive = sys.stderr.isatty()
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0.1 if interactive else LOG_REFRESH_SECONDS,
+            )
 
     def update(self, n: int, scalars: Mapping[str, float]) -> None:
         if self._bar is None:
