@@ -193,7 +193,7 @@ def run_variant(
     (workdir / "result.json").write_text(json.dumps(out.to_dict(), indent=1))
     accs = ", ".join(f"{k} {100 * v['exact_match']:.1f}%" for k, v in accuracy.items())
     log(f"  {variant.key:<14} seed {seed}: exact match {accs}  "
-        f"(train {t2 - t1:.0f}s for {result.steps_done} steps, generate {t3 - t2:.0f}s)")
+        f"(train {t2 - t1:.0f}s for {result.steps_done} steps, generate {t3 - t2:.1f}s)")
     return out
 
 
