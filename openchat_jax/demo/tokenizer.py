@@ -43,12 +43,17 @@ def _word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def tokenizer_json(words: Iterable[str]) -> dict:
+    return llama_style_tokenizer_json(_word_merges(words))
+
+
+def llama_style_tokenizer_json(merges: list[tuple[str, str]]) -> dict:
+    """A Llama-2-layout `tokenizer.json` (see the module docstring) whose vocabulary is the
+    specials, the byte fallbacks, "▁" and printable ASCII, then one token per merge."""
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIALS)}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
     for ch in CHARACTERS:
         vocab[ch] = len(vocab)
-    merges = _word_merges(words)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     added = [
@@ -102,10 +107,14 @@ TOKENIZER_CONFIG = {
 def build_demo_tokenizer(out_dir: str | Path, words: Iterable[str]) -> Path:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `out_dir`
     (a folder for `openchat_jax.data.load_tokenizer` / `AutoTokenizer.from_pretrained`)."""
+    return write_tokenizer_dir(out_dir, tokenizer_json(list(dict.fromkeys(words))))
+
+
+def write_tokenizer_dir(out_dir: str | Path, tokenizer: dict) -> Path:
+    """`tokenizer` (a `llama_style_tokenizer_json`) and its Llama-2 config files, into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    words = list(dict.fromkeys(words))
-    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json(words), ensure_ascii=False, indent=1))
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, indent=1))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=1))
     (out_dir / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=1))
