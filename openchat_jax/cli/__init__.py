@@ -8,8 +8,14 @@ import argparse
 import importlib
 import sys
 
+from openchat_jax import __version__
 from openchat_jax.config import split_config_args
 from openchat_jax.errors import OpenChatError
+
+DESCRIPTION = (
+    "C-RLFT fine-tuning of Llama-2 in JAX: prepare mixed-quality conversations, train on a device "
+    "mesh, generate, convert to and from Hugging Face. New here? Run `openchat-jax demo`."
+)
 
 # command name -> module under openchat_jax.cli (imported lazily so `--help` stays fast).
 COMMANDS = {
@@ -36,18 +42,12 @@ class ConfigOverridesParser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openchat-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="openchat-jax", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"openchat-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
-        if only is not None and name != only:
-            continue
-        try:
-            mod = importlib.import_module(f"openchat_jax.cli.{module}")
-        except ModuleNotFoundError as e:
-            if e.name == f"openchat_jax.cli.{module}":
-                continue  # command not built yet
-            raise
-        mod.register(sub)
+        if only is None or name == only:
+            importlib.import_module(f"openchat_jax.cli.{module}").register(sub)
     return parser
 
 
