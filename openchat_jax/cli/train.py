@@ -23,9 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.__class__ = ConfigOverridesParser
     parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/tiny_sharegpt.py)")
-    parser.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0 (multi-process runs)")
-    parser.add_argument("--num-processes", type=int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--coordinator-address", default=None,
+                        help="HOST:PORT of process 0, for multi-process runs off a TPU/Slurm cluster "
+                             "(there they are found by themselves); give all three or none")
+    parser.add_argument("--num-processes", type=int, default=None, help="processes in the run (multi-process)")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="this process's rank, 0 .. NUM_PROCESSES-1 (multi-process)")
     parser.set_defaults(func=run, overrides=[])
 
 
