@@ -107,3 +107,49 @@ def test_xla_backward_equals_autodiff_of_its_forward(dtype, tol, L):
         np.testing.assert_array_equal(out, out_ref)
     else:  # blocked: sums over fewer (masked, exactly zero) terms, so the rounding may differ
         np.testing.assert_allclose(out, out_ref, atol=tol * np.abs(out_ref).max(), rtol=0)
+
+
+def test_prefill_attends_in_query_blocks_with_the_same_result():
+    """A prompt written into a longer cache (q_offset 0, L < S; left padding and empty slots carry
+    segment 0) is attended in blocks of PREFILL_BLOCK queries, the last one shorter, each against the
+    keys up to its own last slot: the [L, S] scores are never built whole, and the output equals one
+    block over all keys."""
+    from openchat_jax.model import attention
+    from openchat_jax.model.attention import PREFILL_BLOCK, _blocks, xla_attention_autodiff
+
+    L, S = 2 * PREFILL_BLOCK + 88, 2 * PREFILL_BLOCK + 188
+    assert _blocks(L, S, PREFILL_BLOCK, 0) == [(0, 256, 256), (256, 512, 512), (512, 600, 600)]
+    q, _, _, _ = _inputs(B=2, L=L)
+    _, k, v, _ = _inputs(B=2, L=S, seed=1)
+    q_seg = np.ones((2, L), np.int32)
+    q_seg[0, :37] = 0  # a left-padded prompt
+    kv_seg = np.zeros((2, S), np.int32)
+    kv_seg[:, :L] = q_seg  # the cache past the prompt is still empty
+    q_seg, kv_seg = jnp.asarray(q_seg), jnp.asarray(kv_seg)
+    blocked = jax.jit(lambda q, k, v: xla_attention(q, k, v, q_seg, kv_seg, 0))
+    hlo = blocked.lower(q, k, v).as_text()
+    assert f"{L}x{S}xf32" not in hlo and "256x256xf32" in hlo  # (the boolean mask is built whole)
+    out = np.asarray(blocked(q, k, v))
+    ref = np.asarray(xla_attention_autodiff(q, k, v, q_seg, kv_seg, 0))
+    real = np.asarray(q_seg) != 0
+    np.testing.assert_allclose(out[real], ref[real], atol=2e-5 * np.abs(ref).max(), rtol=0)
+    assert attention.CAUSAL_BLOCKS == 4  # training-shaped calls keep their few blocks
+
+
+def test_training_blocks_allow_a_shorter_last_block():
+    """L = 500 (not a multiple of 4 x 128): blocks of 128, 128, 128, 116; the forward and the
+    hand-written backward equal JAX differentiating one block over all keys."""
+    from openchat_jax.model.attention import _blocks, xla_attention_autodiff
+
+    assert _blocks(500, 500, 128, 0) == [(0, 128, 128), (128, 256, 256), (256, 384, 384), (384, 500, 500)]
+    q, k, v, seg = _inputs(L=500)
+    cot = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+
+    def objective(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, seg, seg) * cot)
+
+    ours = jax.jit(jax.grad(objective(xla_attention), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(objective(xla_attention_autodiff), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * np.abs(np.asarray(b)).max(), rtol=0,
+                                   err_msg=name)

@@ -28,43 +28,55 @@ def _attention_mask(L: int, S: int, q_segment_ids_BxL: jax.Array, kv_segment_ids
 
 
 # Training-shaped calls attend in at most CAUSAL_BLOCKS query blocks of at least CAUSAL_BLOCK
-# positions (see `_causal_blocks`).
+# positions; a prefill (queries from slot 0 into a longer cache) in blocks of PREFILL_BLOCK
+# (see `_causal_blocks`).
 CAUSAL_BLOCK = 128
 CAUSAL_BLOCKS = 4
+PREFILL_BLOCK = 256
 
 
 def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, q_offset) -> jax.Array:
-    """Attention in query blocks, each against the keys up to its last position: in a causal
-    training call (q_offset 0, L == S) the keys after a block are masked anyway, so the scores,
-    softmax and their gradients skip them (10 of 16 score blocks with 4 blocks). Few blocks: the
-    key/value gradient accumulates over all of them, and with 32 blocks at L = 4096 the planner's
-    13B peak grew by 1.3 GiB. Anything else (decoding, short rows, L not a multiple of the block)
-    is one block over all S keys."""
+    """Attention in query blocks, each against the keys up to its last position (the later keys are
+    masked anyway, so the scores, softmax and their gradients skip them: 10 of 16 score blocks with
+    4 blocks).
+    - A causal training call (q_offset 0, L == S): at most CAUSAL_BLOCKS blocks. Few blocks: the
+      key/value gradient accumulates over all of them, and with 32 blocks at L = 4096 the planner's
+      13B peak grew by 1.3 GiB.
+    - A prefill (q_offset a Python int, L < S: a prompt written into a cache with room for the
+      answer): blocks of PREFILL_BLOCK queries. No gradient is taken there, and one block over all
+      keys would hold [B, H, L, S] float32 scores (4.2 GB for 16 prompts of 4k tokens and 4 heads).
+    - Anything else (a decode step, a traced cache index, short rows) is one block over all keys."""
     L, S = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1]
-    T = max(CAUSAL_BLOCK, L // CAUSAL_BLOCKS)
-    if not (isinstance(q_offset, int) and q_offset == 0 and L == S and L > T and L % T == 0):
+    static_offset = isinstance(q_offset, int)
+    if static_offset and q_offset == 0 and L == S:
+        T = max(CAUSAL_BLOCK, -(-L // CAUSAL_BLOCKS))
+    elif static_offset and L < S:
+        T = PREFILL_BLOCK
+    else:
         T = L
-    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T)
+    key_offset = q_offset if static_offset else S  # with a traced offset, every block sees all keys
+    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, min(T, L), key_offset)
 
 
-# Softmax attention in query blocks of T positions, the block ending at query `end` against the keys
-# [0, end + S - L) (all S keys when T = L), with a hand-written backward. It works head-major
+# Softmax attention in query blocks of T positions (the last one may be shorter), query i at key
+# slot key_offset + i, so the block ending at query `end` sees the keys [0, key_offset + end)
+# (capped at S), with a hand-written backward. It works head-major
 # ([B, K, G, L, D] queries, [B, K, S, D] keys and values): q, k, v and the output are transposed
 # once per call, every block is a contiguous slice along the length axis, and the key/value
 # gradients accumulate in place into one buffer. In the model's [B, L, K, G, D] layout each
 # block's slices and sums cost a transpose and a pad per block.
-def _blocks(L: int, S: int, T: int) -> list[tuple[int, int, int]]:
+def _blocks(L: int, S: int, T: int, key_offset: int) -> list[tuple[int, int, int]]:
     """(query start, query end, key end) of each block."""
-    return [(start, start + T, start + T + S - L) for start in range(0, L, T)]
+    return [(start, min(start + T, L), min(S, key_offset + min(start + T, L))) for start in range(0, L, T)]
 
 
-def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int):
+def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int, key_offset: int):
     L, S, D = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1], q_BxLxKxGxD.shape[-1]
     q_BxKxGxLxD = jnp.transpose(q_BxLxKxGxD, (0, 2, 3, 1, 4))
     k_BxKxSxD = jnp.transpose(k_BxSxKxD, (0, 2, 1, 3))
     v_BxKxSxD = jnp.transpose(v_BxSxKxD, (0, 2, 1, 3))
     outs, lses = [], []
-    for start, end, key_end in _blocks(L, S, T):
+    for start, end, key_end in _blocks(L, S, T, key_offset):
         probs, lse = _block_probs(q_BxKxGxLxD[:, :, :, start:end], k_BxKxSxD[:, :, :key_end],
                                   mask_Bx1x1xLxS[..., start:end, :key_end], D)
         outs.append(jnp.einsum("bkgls,bksd->bkgld", probs.astype(v_BxSxKxD.dtype), v_BxKxSxD[:, :, :key_end],
@@ -87,7 +99,7 @@ def _block_probs(q_BxKxGxTxD, k_BxKxSxD, mask_Bx1x1xTxS, D: int, lse_BxKxGxT=Non
     return jnp.exp(scores - lse_BxKxGxT[..., None]), lse_BxKxGxT
 
 
-def _attend_bwd(T: int, residuals, dout_BxLxKxGxD):
+def _attend_bwd(T: int, key_offset: int, residuals, dout_BxLxKxGxD):
     """The standard softmax-attention backward, block by block: dS = P * (dP - rowsum(dO * O))."""
     q, k, v, mask, out, lse = residuals  # head-major
     L, S, D = q.shape[3], k.shape[2], q.shape[-1]
@@ -96,7 +108,7 @@ def _attend_bwd(T: int, residuals, dout_BxLxKxGxD):
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dqs = []
-    for start, end, key_end in _blocks(L, S, T):
+    for start, end, key_end in _blocks(L, S, T, key_offset):
         q_blk, dout_blk = q[:, :, :, start:end], dout[:, :, :, start:end]
         probs, _ = _block_probs(q_blk, k[:, :, :key_end], mask[..., start:end, :key_end], D, lse[..., start:end])
         dv = dv.at[:, :, :key_end].add(jnp.einsum("bkgls,bkgld->bksd", probs.astype(v.dtype), dout_blk,
@@ -110,9 +122,9 @@ def _attend_bwd(T: int, residuals, dout_BxLxKxGxD):
     return dq, to_model(dk), to_model(dv), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int) -> jax.Array:
-    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T: int, key_offset: int) -> jax.Array:
+    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1x1xLxS, T, key_offset)[0]
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -133,7 +145,7 @@ xla_attention: AttendFn = functools.partial(_grouped, _causal_blocks)
 # The same forward, in one block over all keys, differentiated by JAX (the reference for the
 # hand-written backward).
 xla_attention_autodiff: AttendFn = functools.partial(
-    _grouped, lambda q, k, v, mask, q_offset: _attend_fwd(q, k, v, mask, q.shape[1])[0])
+    _grouped, lambda q, k, v, mask, q_offset: _attend_fwd(q, k, v, mask, q.shape[1], k.shape[1])[0])
 
 
 _BACKENDS: dict[str, AttendFn] = {"xla": xla_attention, "xla_autodiff": xla_attention_autodiff}
