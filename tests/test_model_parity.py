@@ -163,3 +163,23 @@ def test_rope_table_lookup_equals_the_direct_formula():
     assert np.isnan(np.asarray(sin)[~inside]).all() and np.isnan(np.asarray(cos)[~inside]).all()
     direct = rope_tables(jnp.asarray(positions), D, theta)
     np.testing.assert_allclose(np.asarray(sin)[inside], np.asarray(direct[0])[inside], atol=2e-6)
+
+
+def test_decode_step_reads_the_cache_without_transposing_it(gqa):
+    """The cache is head-major ([layers, B, K, S, D]), the layout attention computes in, so a
+    compiled decode step holds no transpose of a layer's keys or values (in the activations'
+    [B, S, K, D] layout each step transposed the whole cache: two thirds of a step at 4k slots)."""
+    import re
+
+    _, params, cfg = gqa
+    B, S = 2, 96
+    cache = init_cache(cfg, B, S, jnp.float32)
+    assert cache["k"].shape == (cfg.num_layers, B, cfg.num_kv_heads, S, cfg.head_dim)
+    step = jax.jit(lambda p, c, t: forward(p, cfg, t, jnp.full((B, 1), 40), jnp.ones_like(t), cache=c,
+                                           cache_index=40))
+    hlo = step.lower(params, cache, jnp.zeros((B, 1), jnp.int32)).compile().as_text()
+    layer_size = B * cfg.num_kv_heads * S * cfg.head_dim
+    transposed = [m for m in re.finditer(r"= f32\[([0-9,]+)\]\{[0-9,]+\} (transpose|fusion)\(([^\n]*)", hlo)
+                  if np.prod([int(d) for d in m.group(1).split(",")]) == layer_size
+                  and ("transpose" in m.group(2) or "transpose" in m.group(3))]
+    assert not transposed, [m.group(0)[:160] for m in transposed]

@@ -35,7 +35,7 @@ from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import Params, forward, init_cache
 from openchat_jax.model.partitioning import Rules, constrain, logical_to_spec, use_rules
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # init_cache: head-major
 MAX_STOP_IDS = 8
 
 

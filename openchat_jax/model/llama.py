@@ -159,9 +159,12 @@ def lm_head(x_BxLxE: jax.Array, lm_head_ExV: jax.Array) -> jax.Array:
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
-    """An empty KV cache: slots hold segment id 0 until written, so they are never attended to."""
+    """An empty KV cache: slots hold segment id 0 until written, so they are never attended to.
+    Keys and values are head-major, [layers, B, K, S, D], the layout attention computes in: in the
+    activations' [B, S, K, D] every decode step transposed each layer's whole cache (two thirds of a
+    step at 4k slots)."""
     dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
@@ -202,7 +205,7 @@ def forward(
         kv_segment_ids_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, cache_index))
     q_offset = 0 if cache is None else cache_index
 
-    # With a cache, the whole [Ly, B, S, K, D] cache travels through the layers as a carry and each
+    # With a cache, the whole [Ly, B, K, S, D] cache travels through the layers as a carry and each
     # layer writes only its new slots (in place), instead of copying the cache every decode step.
     def layer(x_BxLxE: jax.Array, p: Params, kv: tuple[jax.Array, jax.Array] | None, i: jax.Array | int):
         h = rms_norm(x_BxLxE, p["attn_norm"], cfg.rms_norm_eps)
@@ -214,11 +217,14 @@ def forward(
         if kv is None:
             k_all, v_all, new_kv = k_BxLxKxD, v_BxLxKxD, None
         else:
-            at = (i, 0, cache_index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(kv[0], k_BxLxKxD[None].astype(kv[0].dtype), at)
-            v_cache = jax.lax.dynamic_update_slice(kv[1], v_BxLxKxD[None].astype(kv[1].dtype), at)
-            k_all = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)
-            v_all = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)
+            at = (i, 0, 0, cache_index, 0)
+            head_major = lambda a_BxLxKxD, like: jnp.swapaxes(a_BxLxKxD, 1, 2)[None].astype(like.dtype)  # noqa: E731
+            k_cache = jax.lax.dynamic_update_slice(kv[0], head_major(k_BxLxKxD, kv[0]), at)
+            v_cache = jax.lax.dynamic_update_slice(kv[1], head_major(v_BxLxKxD, kv[1]), at)
+            # Back to [B, S, K, D] for the backends' signature; the XLA backend's own transpose to
+            # head-major cancels this one.
+            k_all = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False), 1, 2)
+            v_all = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False), 1, 2)
             new_kv = (k_cache, v_cache)
         attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset)
         attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
