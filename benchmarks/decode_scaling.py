@@ -2,7 +2,7 @@
 decode cost of `generate_tokens` on the tiny model with random weights, B prompts of P tokens.
 
 The per-step cost is (time for 65 new tokens - time for 1) / 64, medians of `--repeats` runs after
-a warm-up (the compile). `--prefill-block 0` attends a prefill in one block over all keys, as
+a warm-up (the compile), timed by `openchat_jax.infer.bench.median_seconds`. `--prefill-block 0` attends a prefill in one block over all keys, as
 before query blocks existed (for a before/after in one process tree).
 
     python benchmarks/decode_scaling.py --prompt-lens 128,1024,4032 --batch 16
@@ -11,12 +11,12 @@ before query blocks existed (for a before/after in one process tree).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import numpy as np
 
+from openchat_jax.infer.bench import median_seconds
 from openchat_jax.infer.generate import generate_tokens
 from openchat_jax.model import attention
 from openchat_jax.model.config import TINY
@@ -46,14 +46,11 @@ def main() -> None:
     for P in lengths:
         prompts = rng.integers(3, cfg.vocab_size, (args.batch, P)).tolist()
 
-        def run(n: int) -> float:
-            t0 = time.perf_counter()
+        def run(n: int) -> None:
             generate_tokens(params, cfg, prompts, max_new_tokens=n, stop_ids=[], context=context)
-            return time.perf_counter() - t0
 
-        run(1), run(NEW_TOKENS)  # compile
-        one = statistics.median(run(1) for _ in range(args.repeats))
-        many = statistics.median(run(NEW_TOKENS) for _ in range(args.repeats))
+        one = median_seconds(lambda: run(1), args.repeats)
+        many = median_seconds(lambda: run(NEW_TOKENS), args.repeats)
         print(f"| {P} | {P + NEW_TOKENS} | {one * 1e3:.0f} ms | {(many - one) / (NEW_TOKENS - 1) * 1e3:.1f} ms |",
               flush=True)
 

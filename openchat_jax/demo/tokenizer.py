@@ -42,10 +42,6 @@ def _word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def tokenizer_json(words: Iterable[str]) -> dict:
-    return llama_style_tokenizer_json(_word_merges(words))
-
-
 def llama_style_tokenizer_json(merges: list[tuple[str, str]]) -> dict:
     """A Llama-2-layout `tokenizer.json` (see the module docstring) whose vocabulary is the
     specials, the byte fallbacks, "▁" and printable ASCII, then one token per merge."""
@@ -107,7 +103,7 @@ TOKENIZER_CONFIG = {
 def build_demo_tokenizer(out_dir: str | Path, words: Iterable[str]) -> Path:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `out_dir`
     (a folder for `openchat_jax.data.load_tokenizer` / `AutoTokenizer.from_pretrained`)."""
-    return write_tokenizer_dir(out_dir, tokenizer_json(list(dict.fromkeys(words))))
+    return write_tokenizer_dir(out_dir, llama_style_tokenizer_json(_word_merges(dict.fromkeys(words))))
 
 
 def write_tokenizer_dir(out_dir: str | Path, tokenizer: dict) -> Path:

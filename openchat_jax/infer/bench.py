@@ -27,7 +27,7 @@ from openchat_jax.model.llama import init_params
 LLAMA2_VOCAB_WITH_EOT = 32001  # the tiny model as trained on real text with the Llama-2 tokenizer
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm-up (compilation for JAX)
     times = []
     for _ in range(repeats):
@@ -96,11 +96,11 @@ def bench_decode(
                                             eos_token_id=None, pad_token_id=0)
                 hf_out[:] = out[:, prompt_len:].tolist()
 
-            t_jax = _median_seconds(run_jax, repeats)
+            t_jax = median_seconds(run_jax, repeats)
             t_hf, best_threads = float("inf"), 0
             for threads in thread_counts:
                 torch.set_num_threads(threads)
-                t = _median_seconds(run_hf, repeats)
+                t = median_seconds(run_hf, repeats)
                 if t < t_hf:
                     t_hf, best_threads = t, threads
             torch.set_num_threads(default_threads)

@@ -32,10 +32,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from openchat_jax.errors import DataError
 from openchat_jax.infer.sampling import SamplingConfig, sample
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import Params, forward, init_cache
+from openchat_jax.model.llama import CACHE_AXES, Params, forward, init_cache
 from openchat_jax.model.partitioning import Rules, constrain, logical_to_spec, use_rules
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # init_cache: head-major
 MAX_STOP_IDS = 8
 
 

@@ -60,7 +60,7 @@ def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, q_offset) -> j
     else:
         T = L
     key_offset = q_offset if static_offset else S  # with a traced offset, every block sees all keys
-    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, min(T, L), key_offset)
+    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset)
 
 
 # Softmax attention in query blocks of T positions (the last one may be shorter), query i at key

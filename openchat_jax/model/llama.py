@@ -158,6 +158,9 @@ def lm_head(x_BxLxE: jax.Array, lm_head_ExV: jax.Array) -> jax.Array:
     return constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
 
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # of init_cache's keys and values
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
     """An empty KV cache: slots hold segment id 0 until written, so they are never attended to.
     Keys and values are head-major, [layers, B, K, S, D], the layout attention computes in: in the
@@ -218,14 +221,12 @@ def forward(
             k_all, v_all, new_kv = k_BxLxKxD, v_BxLxKxD, None
         else:
             at = (i, 0, 0, cache_index, 0)
-            head_major = lambda a_BxLxKxD, like: jnp.swapaxes(a_BxLxKxD, 1, 2)[None].astype(like.dtype)  # noqa: E731
-            k_cache = jax.lax.dynamic_update_slice(kv[0], head_major(k_BxLxKxD, kv[0]), at)
-            v_cache = jax.lax.dynamic_update_slice(kv[1], head_major(v_BxLxKxD, kv[1]), at)
+            new_kv = tuple(jax.lax.dynamic_update_slice(cache_LyxBxKxSxD, jnp.swapaxes(new_BxLxKxD, 1, 2)[None]
+                                                        .astype(cache_LyxBxKxSxD.dtype), at)
+                           for cache_LyxBxKxSxD, new_BxLxKxD in zip(kv, (k_BxLxKxD, v_BxLxKxD)))
             # Back to [B, S, K, D] for the backends' signature; the XLA backend's own transpose to
             # head-major cancels this one.
-            k_all = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False), 1, 2)
-            v_all = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False), 1, 2)
-            new_kv = (k_cache, v_cache)
+            k_all, v_all = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(c, i, keepdims=False), 1, 2) for c in new_kv)
         attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset)
         attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
         x_BxLxE = x_BxLxE + dense("blhd,hde->ble", attn_BxLxHxD, p["wo"])

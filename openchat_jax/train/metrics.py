@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -90,8 +91,6 @@ class ProgressBar:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self._bar = None
         if enabled:
-            import sys
-
             from tqdm.auto import tqdm
 
             # Redirected to a log file (pods, CI, `> log`), every refresh would be kept: refresh
