@@ -32,6 +32,7 @@ def data_config(tok_dir: Path, files, out: Path, **kw):
     d.dataset_dir = str(out)
     d.max_length = 256
     d.num_workers = 1
+    d.allow_empty_classes = True  # most cases here fill one class; the empty-class checks set False
     for k, v in kw.items():
         d[k] = v
     return d
@@ -196,12 +197,18 @@ def test_refuses_to_overwrite_foreign_folder(tiny_tokenizer_dir, tmp_path):  # n
     (out / "precious.txt").write_text("x")
     with pytest.raises(ConfigError, match="refusing to overwrite"):
         prepare(data_config(tiny_tokenizer_dir, [path], out))
+    with pytest.raises(ConfigError, match="refusing to overwrite"):  # --overwrite never deletes foreign files
+        prepare(data_config(tiny_tokenizer_dir, [path], out), overwrite=True)
     (out / "precious.txt").unlink()
     assert prepare(data_config(tiny_tokenizer_dir, [path], out))["examples"] == 1
-    # a second run over our own output replaces it
+    # a second run over our own output is refused unless asked, and then replaces it
     path2 = write_jsonl(tmp_path / "b.jsonl", [sharegpt("Hello", "four")] * 2)
-    assert prepare(data_config(tiny_tokenizer_dir, [path2], out))["examples"] == 2
+    with pytest.raises(ConfigError, match="--overwrite"):
+        prepare(data_config(tiny_tokenizer_dir, [path2], out))
+    assert len(open_data_source(out)) == 1
+    assert prepare(data_config(tiny_tokenizer_dir, [path2], out), overwrite=True)["examples"] == 2
     assert len(open_data_source(out)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folders left
 
 
 def test_parallel_workers_match_single_process(tiny_tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
@@ -222,7 +229,8 @@ def test_parallel_workers_match_single_process(tiny_tokenizer_dir, tmp_path, mon
 
 
 def test_cli_prepare_with_overrides(tiny_tokenizer_dir, tmp_path, capsys):  # noqa: F811
-    path = write_jsonl(tmp_path / "a.jsonl", [sharegpt("Hello", "four", model="Model: GPT-4")])
+    path = write_jsonl(tmp_path / "a.jsonl", [sharegpt("Hello", "four", model="Model: GPT-4"),
+                                              sharegpt("Hello", "four", model="Model: GPT-3.5")])
     cfg = tmp_path / "cfg.py"
     cfg.write_text(
         "import ml_collections\nfrom openchat_jax.data.config import data_defaults\n"
@@ -231,7 +239,14 @@ def test_cli_prepare_with_overrides(tiny_tokenizer_dir, tmp_path, capsys):  # no
             f"--config.data.tokenizer={tiny_tokenizer_dir}", f"--config.data.dataset_dir={tmp_path / 'out'}",
             "--config.data.label_field=model", "--config.data.num_workers=1"]
     assert cli_main(argv) == 0
-    assert "prepared 1 examples from 1 records" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "prepared 2 examples from 2 records" in out
+    assert "Downloading and preparing" not in out and "Subsequent calls" not in out  # quiet unless --verbose
+    assert "'Model: GPT-4'    gpt4   label_map" in out and "fell to default_class: 1 conversations" in out
     assert load_dataset_info(tmp_path / "out")["classes"][0]["conversations"] == 1
+    assert cli_main(argv) == 2  # the folder now holds a dataset
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli_main(argv + ["--overwrite", "--verbose"]) == 0
+    assert "Downloading and preparing" in capsys.readouterr().out
     assert cli_main(argv[:3] + ["--config.data.default_class=nope"]) == 2
     assert "default_class" in capsys.readouterr().err
