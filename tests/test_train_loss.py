@@ -156,7 +156,11 @@ def test_skip_per_batch_shard_matches_plain_loss(per_row):
 
 def test_loss_options_pick_a_dividing_chunk_or_refuse():
     cfg = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
-    assert loss_options(cfg(), 4096) == {"fused_head": True, "loss_chunk_length": 0, "skip_unsupervised_logits": True}
+    assert loss_options(cfg(), 4096) == {"fused_head": True, "loss_chunk_length": 0, "skip_unsupervised_logits": True,
+                                         "loss_normalization": "token"}
+    assert loss_options(cfg(loss_normalization="message"), 64)["loss_normalization"] == "message"
+    with pytest.raises(ConfigError, match="loss_normalization"):
+        loss_options(cfg(loss_normalization="sequence"), 64)
     assert loss_options(cfg(skip_unsupervised_logits=False), 64)["skip_unsupervised_logits"] is False
     with pytest.raises(ConfigError, match="skip_unsupervised_logits"):
         loss_options(cfg(skip_unsupervised_logits="no"), 64)
@@ -168,3 +172,39 @@ def test_loss_options_pick_a_dividing_chunk_or_refuse():
     for bad in (-1, 1.5, True, "128"):
         with pytest.raises(ConfigError, match="loss_chunk_length"):
             loss_options(cfg(loss_chunk_length=bad), 512)
+
+
+def _message_batch():
+    """Two rows of hand-placed messages: (row, first position, last position, weight). Runs touch
+    only through a single weight-0 position; a message of one token; one ending the row."""
+    messages = [(0, 1, 4, 1.0), (0, 6, 6, 0.1), (0, 8, 12, 1.0), (1, 0, 2, 0.1), (1, 4, 9, 0.5), (1, 11, 15, 1.0)]
+    w = np.zeros((B - 1, L), np.float32)
+    for r, a, b, wm in messages:
+        w[r, a:b + 1] = wm
+    return messages, w
+
+
+def test_message_mean_loss_equals_numpy_reference(inputs):
+    """`loss_normalization="message"`: sum_m w_m mean_{t in m} CE_t / sum_m w_m, computed here
+    message by message in float64 NumPy from the hand-placed messages (no run detection)."""
+    x, w_head, t, _, _ = inputs
+    messages, w = _message_batch()
+    x, t = x[: B - 1], t[: B - 1]
+    c = jnp.zeros((B - 1, L), jnp.int32)
+    logits = np.asarray(lm_head(x, w_head), np.float64)
+    m = logits.max(-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, np.asarray(t)[..., None], -1)[..., 0]
+    means = np.array([ce[r, a:b + 1].mean() for r, a, b, _ in messages])
+    wm = np.array([wt for *_, wt in messages])
+    for weighted, want in ((True, (wm * means).sum() / wm.sum()), (False, means.mean())):
+        mw = loss_lib.token_weights(jnp.asarray(w), weighted, "message")
+        sums = loss_lib.loss_sums(lm_head(x, w_head), t, mw, c, C)
+        assert float(sums["wce"] / sums["weight"]) == pytest.approx(want, rel=1e-5)
+        assert float(sums["weight"]) == pytest.approx(wm.sum() if weighted else len(messages), rel=1e-6)
+        fused = loss_lib.head_loss_sums(x, w_head, t, mw, c, C, 4)
+        assert float(fused["wce"] / fused["weight"]) == pytest.approx(want, rel=1e-5)
+    token = loss_lib.token_weights(jnp.asarray(w), True, "token")
+    sums = loss_lib.loss_sums(lm_head(x, w_head), t, token, c, C)
+    assert abs(float(sums["wce"] / sums["weight"]) - (wm * means).sum() / wm.sum()) > 1e-3  # the modes differ here
+    np.testing.assert_array_equal(np.asarray(token), w)  # "token" is the weights as prepared
