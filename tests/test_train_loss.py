@@ -13,6 +13,7 @@ from openchat_jax.errors import ConfigError
 from openchat_jax.model.llama import lm_head
 from openchat_jax.train import loss as loss_lib
 from openchat_jax.train.step import loss_options
+from tests.tokenizer_fixture import tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
 
 B, L, E, V, C = 3, 16, 24, 70, 2
 
@@ -208,3 +209,37 @@ def test_message_mean_loss_equals_numpy_reference(inputs):
     sums = loss_lib.loss_sums(lm_head(x, w_head), t, token, c, C)
     assert abs(float(sums["wce"] / sums["weight"]) - (wm * means).sum() / wm.sum()) > 1e-3  # the modes differ here
     np.testing.assert_array_equal(np.asarray(token), w)  # "token" is the weights as prepared
+
+
+def test_prepared_messages_are_separate_runs_in_loader_batches(tiny_tokenizer_dir, tmp_path):  # noqa: F811
+    """What "message" normalization relies on: in packed batches each supervised message is its
+    own run of weight > 0 targets, text tokens + <|end_of_turn|> long, even when a supervised
+    user message (an OpenChat "weight") directly precedes an assistant reply."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from openchat_jax.data.config import data_defaults
+    from openchat_jax.data.loader import make_loader
+    from openchat_jax.data.prepare import prepare
+
+    turns = [("user", "Hello", 0.5), ("assistant", "four", 1.0), ("user", "What is two plus two?", 0.0),
+             ("assistant", "Two plus two is four.", 0.1), ("user", "Thank you", 0.3), ("assistant", "welcome", None)]
+    recs = [{"items": [{"role": r, "content": t, **({} if w is None else {"weight": w})} for r, t, w in turns[:n]],
+             "condition": "GPT4"} for n in (2, 4, 6)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    d = data_defaults()
+    d.files, d.tokenizer, d.dataset_dir = [str(tmp_path / "a.jsonl")], str(tiny_tokenizer_dir), str(tmp_path / "ds")
+    d.max_length, d.num_workers, d.allow_empty_classes = 128, 1, True
+    prepare(d)
+    raw = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    want = sorted(len(raw.encode(t, add_special_tokens=False).ids) + 1
+                  for n in (2, 4, 6) for _, t, w in turns[:n] if w is None or w > 0)
+    batch = next(iter(make_loader(tmp_path / "ds", global_batch_size=1, seq_len=128, seed=0, num_epochs=1)))
+    w = batch["weights"][0]
+    on = np.concatenate([[0], (w > 0).astype(int), [0]])
+    starts, ends = np.nonzero(np.diff(on) == 1)[0], np.nonzero(np.diff(on) == -1)[0]
+    assert sorted((ends - starts).tolist()) == want
+    mw = np.asarray(loss_lib.message_mean_weights(jnp.asarray(batch["weights"])))[0]
+    message_weights = [w for n in (2, 4, 6) for _, _, w in turns[:n] if w is None or w > 0]
+    assert mw.sum() == pytest.approx(sum(1.0 if w is None else w for w in message_weights), rel=1e-6)
