@@ -38,7 +38,7 @@ def bench_length(config_path: str, seq_len: int, out: Path, tokens_per_step: int
                                        f"--config.data.num_workers={workers}"])
     load_before = os.getloadavg()[0]
     cpu0, t0 = cpu_seconds(), time.perf_counter()
-    report = prepare(config.data)
+    report = prepare(config.data, overwrite=True)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     rows_per_batch = max(1, tokens_per_step // seq_len)
     loader = make_loader(dataset_dir, global_batch_size=rows_per_batch, seq_len=seq_len, seed=0, num_epochs=1)

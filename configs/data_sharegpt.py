@@ -4,7 +4,8 @@
 
 This export carries no model label: its records have only `id` and `conversations`. With the
 paper preset (label `Model: GPT-4` -> gpt4, anything else -> gpt3) every record therefore falls
-into the default class gpt3 (condition GPT3, weight 0.1). To label records, add a field to each
+into the default class gpt3 (condition GPT3, weight 0.1), and gpt4 stays empty: this config sets
+`allow_empty_classes` so that `prepare` warns instead of stopping. To label records, add a field to each
 record (e.g. `"model": "Model: GPT-4"`) and keep `label_field = "model"`, or point `files` at
 separate files per source and use `label_map`. ShareGPT splits long chats into parts; a part
 that starts with an assistant message has that message dropped (`drop_leading_assistant`).
@@ -35,4 +36,5 @@ def get_config() -> ml_collections.ConfigDict:
     data.tokenizer = str(REPO.parent / "shared" / "data" / "llama2-tokenizer")
     data.dataset_dir = str(REPO / "runs" / "data" / "sharegpt_llama2")
     data.max_length = 4096
+    data.allow_empty_classes = True  # unlabelled export: gpt4 gets no conversation (see above)
     return ml_collections.ConfigDict({"data": data})

@@ -32,6 +32,7 @@ def data_config(tok_dir: Path, files, out: Path, **kw):
     d.dataset_dir = str(out)
     d.max_length = 256
     d.num_workers = 1
+    d.allow_empty_classes = True  # most cases here fill one class; the empty-class checks set False
     for k, v in kw.items():
         d[k] = v
     return d
@@ -196,12 +197,18 @@ def test_refuses_to_overwrite_foreign_folder(tiny_tokenizer_dir, tmp_path):  # n
     (out / "precious.txt").write_text("x")
     with pytest.raises(ConfigError, match="refusing to overwrite"):
         prepare(data_config(tiny_tokenizer_dir, [path], out))
+    with pytest.raises(ConfigError, match="refusing to overwrite"):  # --overwrite never deletes foreign files
+        prepare(data_config(tiny_tokenizer_dir, [path], out), overwrite=True)
     (out / "precious.txt").unlink()
     assert prepare(data_config(tiny_tokenizer_dir, [path], out))["examples"] == 1
-    # a second run over our own output replaces it
+    # a second run over our own output is refused unless asked, and then replaces it
     path2 = write_jsonl(tmp_path / "b.jsonl", [sharegpt("Hello", "four")] * 2)
-    assert prepare(data_config(tiny_tokenizer_dir, [path2], out))["examples"] == 2
+    with pytest.raises(ConfigError, match="--overwrite"):
+        prepare(data_config(tiny_tokenizer_dir, [path2], out))
+    assert len(open_data_source(out)) == 1
+    assert prepare(data_config(tiny_tokenizer_dir, [path2], out), overwrite=True)["examples"] == 2
     assert len(open_data_source(out)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folders left
 
 
 def test_parallel_workers_match_single_process(tiny_tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
@@ -222,7 +229,8 @@ def test_parallel_workers_match_single_process(tiny_tokenizer_dir, tmp_path, mon
 
 
 def test_cli_prepare_with_overrides(tiny_tokenizer_dir, tmp_path, capsys):  # noqa: F811
-    path = write_jsonl(tmp_path / "a.jsonl", [sharegpt("Hello", "four", model="Model: GPT-4")])
+    path = write_jsonl(tmp_path / "a.jsonl", [sharegpt("Hello", "four", model="Model: GPT-4"),
+                                              sharegpt("Hello", "four", model="Model: GPT-3.5")])
     cfg = tmp_path / "cfg.py"
     cfg.write_text(
         "import ml_collections\nfrom openchat_jax.data.config import data_defaults\n"
@@ -231,7 +239,193 @@ def test_cli_prepare_with_overrides(tiny_tokenizer_dir, tmp_path, capsys):  # no
             f"--config.data.tokenizer={tiny_tokenizer_dir}", f"--config.data.dataset_dir={tmp_path / 'out'}",
             "--config.data.label_field=model", "--config.data.num_workers=1"]
     assert cli_main(argv) == 0
-    assert "prepared 1 examples from 1 records" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "prepared 2 examples from 2 records" in out
+    assert "Downloading and preparing" not in out and "Subsequent calls" not in out  # quiet unless --verbose
+    assert "'Model: GPT-4'    gpt4   label_map" in out and "fell to default_class: 1 conversations" in out
     assert load_dataset_info(tmp_path / "out")["classes"][0]["conversations"] == 1
+    assert cli_main(argv) == 2  # the folder now holds a dataset
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli_main(argv + ["--overwrite", "--verbose"]) == 0
+    assert "Downloading and preparing" in capsys.readouterr().out
     assert cli_main(argv[:3] + ["--config.data.default_class=nope"]) == 2
     assert "default_class" in capsys.readouterr().err
+
+
+# -- labels, per-message weights, masking, empty classes ------------------------------------------
+
+def openchat(condition, *turns, weights=None, **extra):
+    roles = ["user", "assistant"]
+    items = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    for item, w in zip(items, weights or []):
+        if w is not None:
+            item["weight"] = w
+    return {"items": items, "condition": condition, **extra}
+
+
+def test_openchat_condition_selects_the_class_by_its_condition(tiny_tokenizer_dir, tmp_path):  # noqa: F811
+    """OpenChat's own records ("condition": "GPT4" / "GPT3") land in gpt4 / gpt3, not the default class."""
+    recs = ([openchat("GPT4", "Hello", "four", weights=[0.0, 1.0])] * 8
+            + [openchat("GPT3", "Hello", "four", weights=[0.0, 0.1])] * 16)
+    path = write_jsonl(tmp_path / "oc.jsonl", recs)
+    report = prepare(data_config(tiny_tokenizer_dir, [path], tmp_path / "out", allow_empty_classes=False))
+    assert report["classes"]["gpt4"]["conversations"] == 8 and report["classes"]["gpt3"]["conversations"] == 16
+    assert report["labels"] == [
+        {"label": "GPT3", "class": "gpt3", "matched_by": "condition", "conversations": 16},
+        {"label": "GPT4", "class": "gpt4", "matched_by": "condition", "conversations": 8}]
+    assert report["default_class_conversations"] == 0 and report["messages_with_weight_field"] == 48
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["labels"] == report["labels"]
+    src = open_data_source(tmp_path / "out")
+    assert [int(src[i]["class_id"]) for i in range(24)] == [0] * 8 + [1] * 16
+    assert src[0]["weights"].max() == 1.0 and src[8]["weights"].max() == pytest.approx(0.1)
+
+
+def test_label_table_counts_default_class(tiny_tokenizer_dir, tmp_path):  # noqa: F811
+    recs = [sharegpt("Hello", "four", source="Model: GPT-4"), sharegpt("Hello", "four", source="gpt4"),
+            sharegpt("Hello", "four", source="Model: Claude"), sharegpt("Hello", "four")]
+    report = prepare(data_config(tiny_tokenizer_dir, [write_jsonl(tmp_path / "a.jsonl", recs)], tmp_path / "out"))
+    by_label = {r["label"]: (r["class"], r["matched_by"], r["conversations"]) for r in report["labels"]}
+    assert by_label == {"Model: GPT-4": ("gpt4", "label_map", 1), "gpt4": ("gpt4", "name", 1),
+                        "Model: Claude": ("gpt3", "default_class", 1), None: ("gpt3", "default_class", 1)}
+    assert report["default_class_conversations"] == 2
+    from openchat_jax.data.prepare import format_label_table
+
+    table = format_label_table(report, "source")
+    assert "(no label field 'source')  gpt3   default_class  1" in table
+    assert table.endswith("fell to default_class: 2 conversations")
+
+
+@pytest.mark.parametrize("change", [
+    {"label_map": {"GPT4": "gpt3"}},  # a class's condition mapped to another class
+    {"classes": [{"name": "gpt4", "condition": "GPT4", "weight": 1.0},
+                 {"name": "GPT4", "condition": "X", "weight": 0.1}], "default_class": "gpt4"},
+])
+def test_a_label_selecting_two_classes_is_a_config_error(tiny_tokenizer_dir, tmp_path, change):  # noqa: F811
+    cfg = data_config(tiny_tokenizer_dir, [write_jsonl(tmp_path / "a.jsonl", [sharegpt("a", "b")])], tmp_path / "out")
+    for k, v in change.items():
+        cfg[k] = v
+    with pytest.raises(ConfigError, match="'GPT4' is ambiguous"):
+        validate(cfg)
+
+
+def test_per_message_weights_and_system_message(tiny_tokenizer_dir, tmp_path):  # noqa: F811
+    """A message's "weight" is its tokens' and its <|end_of_turn|>'s weight as given (not times
+    the class weight; 0 = unsupervised, a user message may be supervised); messages without one
+    get the template's default. "system_message" is the system text."""
+    from tokenizers import Tokenizer
+
+    turns = ["Hello", "four", "What is two plus two?", "The sea is blue", "Thank you", "welcome"]
+    rec = openchat("GPT3", *turns, weights=[0.25, 0.0, None, 0.5, 0.0, None], system_message="Be brief.")
+    path = write_jsonl(tmp_path / "oc.jsonl", [rec])
+    report = prepare(data_config(tiny_tokenizer_dir, [path], tmp_path / "out"))
+    assert report["messages_with_weight_field"] == 4
+    raw = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    enc = lambda text: raw.encode(text, add_special_tokens=False).ids  # noqa: E731
+    _, eot = load_tokenizer(tiny_tokenizer_dir)
+    tokens, weights = [raw.token_to_id("<s>")], [0.0]
+    tokens += enc("Be brief.") + [eot]
+    weights += [0.0] * (len(enc("Be brief.")) + 1)
+    for k, (text, w) in enumerate(zip(turns, [0.25, 0.0, 0.0, 0.5, 0.0, 0.1])):  # gpt3's weight 0.1 on the last
+        prefix = enc("GPT3 User:" if k % 2 == 0 else "GPT3 Assistant:")
+        tokens += prefix + enc(text) + [eot]
+        weights += [0.0] * len(prefix) + [w] * (len(enc(text)) + 1)
+    got = open_data_source(tmp_path / "out")[0]
+    assert got["tokens"].tolist() == tokens
+    np.testing.assert_allclose(got["weights"], weights, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight", [-1, "1", True, float("nan")])
+def test_bad_message_weight_is_a_counted_skip(tiny_tokenizer_dir, tmp_path, weight):  # noqa: F811
+    recs = [openchat("GPT4", "Hello", "four"), {"items": [{"role": "user", "content": "a"},
+                                                          {"role": "assistant", "content": "b", "weight": weight}]}]
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    report = prepare(data_config(tiny_tokenizer_dir, [path], tmp_path / "out"))
+    assert report["skipped_by_kind"] == {"bad_weight": 1}
+    assert "items[1]: field 'weight'" in report["skipped_records"][0]["reason"]
+
+
+def test_mask_phrases_zero_the_reply_and_are_counted(tiny_tokenizer_dir, tmp_path):  # noqa: F811
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("as an AI\n\n  I cannot  \n")
+    recs = [sharegpt("Hello", "As an ai model I like the sea", "Thank you", "welcome", source="gpt4"),
+            sharegpt("Hello", "Sorry, I CANNOT help", source="gpt4"),  # its only reply is masked: dropped
+            sharegpt("Hello", "four", source="gpt3")]
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    report = prepare(data_config(tiny_tokenizer_dir, [path], tmp_path / "out", mask_phrases_file=str(phrases)))
+    assert report["masked_replies"] == 2 and report["masked_by_phrase"] == {"as an ai": 1, "i cannot": 1}
+    assert report["examples"] == 2 and report["skipped_by_kind"] == {"no_supervised_token": 1}
+    assert "'i cannot'" in report["skipped_records"][0]["reason"]
+    src = open_data_source(tmp_path / "out")
+    unmasked = prepare(data_config(tiny_tokenizer_dir, [path], tmp_path / "plain"))
+    assert unmasked["masked_replies"] == 0 and unmasked["examples"] == 3
+    plain = open_data_source(tmp_path / "plain")
+    assert src[0]["tokens"].tolist() == plain[0]["tokens"].tolist()
+    w, w_plain = src[0]["weights"], plain[0]["weights"]
+    masked_n = int((w_plain > 0).sum() - (w > 0).sum())
+    tok, _ = load_tokenizer(tiny_tokenizer_dir)
+    assert masked_n == len(tok("As an ai model I like the sea", add_special_tokens=False)["input_ids"]) + 1
+    assert w[-1] == 1.0  # the second reply keeps its weight
+    with pytest.raises(ConfigError, match="mask_phrases_file"):
+        validate(data_config(tiny_tokenizer_dir, [path], tmp_path / "x", mask_phrases_file=str(tmp_path / "none.txt")))
+
+
+def test_empty_class_is_an_error_unless_allowed(tiny_tokenizer_dir, tmp_path, caplog):  # noqa: F811
+    """Records labelled in "source" under a config that reads "model": all fall to gpt3."""
+    recs = [sharegpt("Hello", "four", source="gpt4")] * 3
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    cfg = data_config(tiny_tokenizer_dir, [path], tmp_path / "out", label_field="model", allow_empty_classes=False)
+    with pytest.raises(DataError, match=r"class 'gpt4' \(condition 'GPT4'\) received no conversation.*'model'.*"
+                                        r"allow_empty_classes=True"):
+        prepare(cfg)
+    assert not (tmp_path / "out").exists()
+    cfg.allow_empty_classes = True
+    with caplog.at_level("WARNING"):
+        report = prepare(cfg)
+    assert "class 'gpt4'" in caplog.text and report["empty_classes"] == ["gpt4"]
+    info = load_dataset_info(tmp_path / "out")
+    assert info["inference_condition"] == "GPT3" and info["inference_class"] == "gpt3"  # never an untrained prefix
+    assert report["inference_condition"] == "GPT3"
+
+
+def test_roles_any_case_and_unknown_role_names_role_map(tiny_tokenizer_dir, tmp_path):  # noqa: F811
+    recs = [{"conversations": [{"from": "Human", "value": "Hello"}, {"from": "GPT", "value": "four"}]},
+            {"messages": [{"role": "USER", "content": "Hello"}, {"role": "Assistant", "content": "four"}]},
+            {"conversations": [{"from": "Human", "value": "Hello"}, {"from": "Robot", "value": "four"}]}]
+    report = prepare(data_config(tiny_tokenizer_dir, [write_jsonl(tmp_path / "a.jsonl", recs)], tmp_path / "out"))
+    assert report["examples"] == 2 and report["skipped_by_kind"] == {"unknown_role": 1}
+    reason = report["skipped_records"][0]["reason"]
+    assert "'Robot'" in reason and "data.role_map" in reason
+    # every record unknown: the error itself names the role and data.role_map, and leaves nothing
+    path = write_jsonl(tmp_path / "b.jsonl", [recs[2]] * 3)
+    with pytest.raises(DataError, match=r"unknown_role: 3 .*'Robot'.*data\.role_map"):
+        prepare(data_config(tiny_tokenizer_dir, [path], tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists()
+    cfg = data_config(tiny_tokenizer_dir, [path], tmp_path / "x", role_map={"human": "user", "Bot": "user", "BOT": "assistant"})
+    with pytest.raises(ConfigError, match="case-insensitively"):
+        validate(cfg)
+
+
+def test_failures_leave_nothing_behind(tiny_tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
+    import openchat_jax.data.prepare as prep
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "new" / "dataset"
+    with pytest.raises(DataError, match="no records"):
+        prepare(data_config(tiny_tokenizer_dir, [empty], out))
+    assert not (tmp_path / "new").exists()  # nor the parent folder it made
+    good = write_jsonl(tmp_path / "a.jsonl", [sharegpt("Hello", "four")] * 2)
+    out = tmp_path / "out"
+    assert prepare(data_config(tiny_tokenizer_dir, [good], out))["examples"] == 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer crashed")
+        yield
+
+    monkeypatch.setattr(prep, "_tokenized", broken)
+    with pytest.raises(RuntimeError, match="tokenizer crashed"):
+        prepare(data_config(tiny_tokenizer_dir, [good], out), overwrite=True)
+    assert len(open_data_source(out)) == 2  # the dataset already there is untouched
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -13,6 +13,7 @@ from openchat_jax.errors import ConfigError
 from openchat_jax.model.llama import lm_head
 from openchat_jax.train import loss as loss_lib
 from openchat_jax.train.step import loss_options
+from tests.tokenizer_fixture import tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
 
 B, L, E, V, C = 3, 16, 24, 70, 2
 
@@ -156,7 +157,11 @@ def test_skip_per_batch_shard_matches_plain_loss(per_row):
 
 def test_loss_options_pick_a_dividing_chunk_or_refuse():
     cfg = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
-    assert loss_options(cfg(), 4096) == {"fused_head": True, "loss_chunk_length": 0, "skip_unsupervised_logits": True}
+    assert loss_options(cfg(), 4096) == {"fused_head": True, "loss_chunk_length": 0, "skip_unsupervised_logits": True,
+                                         "loss_normalization": "token"}
+    assert loss_options(cfg(loss_normalization="message"), 64)["loss_normalization"] == "message"
+    with pytest.raises(ConfigError, match="loss_normalization"):
+        loss_options(cfg(loss_normalization="sequence"), 64)
     assert loss_options(cfg(skip_unsupervised_logits=False), 64)["skip_unsupervised_logits"] is False
     with pytest.raises(ConfigError, match="skip_unsupervised_logits"):
         loss_options(cfg(skip_unsupervised_logits="no"), 64)
@@ -168,3 +173,73 @@ def test_loss_options_pick_a_dividing_chunk_or_refuse():
     for bad in (-1, 1.5, True, "128"):
         with pytest.raises(ConfigError, match="loss_chunk_length"):
             loss_options(cfg(loss_chunk_length=bad), 512)
+
+
+def _message_batch():
+    """Two rows of hand-placed messages: (row, first position, last position, weight). Runs touch
+    only through a single weight-0 position; a message of one token; one ending the row."""
+    messages = [(0, 1, 4, 1.0), (0, 6, 6, 0.1), (0, 8, 12, 1.0), (1, 0, 2, 0.1), (1, 4, 9, 0.5), (1, 11, 15, 1.0)]
+    w = np.zeros((B - 1, L), np.float32)
+    for r, a, b, wm in messages:
+        w[r, a:b + 1] = wm
+    return messages, w
+
+
+def test_message_mean_loss_equals_numpy_reference(inputs):
+    """`loss_normalization="message"`: sum_m w_m mean_{t in m} CE_t / sum_m w_m, computed here
+    message by message in float64 NumPy from the hand-placed messages (no run detection)."""
+    x, w_head, t, _, _ = inputs
+    messages, w = _message_batch()
+    x, t = x[: B - 1], t[: B - 1]
+    c = jnp.zeros((B - 1, L), jnp.int32)
+    logits = np.asarray(lm_head(x, w_head), np.float64)
+    m = logits.max(-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, np.asarray(t)[..., None], -1)[..., 0]
+    means = np.array([ce[r, a:b + 1].mean() for r, a, b, _ in messages])
+    wm = np.array([wt for *_, wt in messages])
+    for weighted, want in ((True, (wm * means).sum() / wm.sum()), (False, means.mean())):
+        mw = loss_lib.token_weights(jnp.asarray(w), weighted, "message")
+        sums = loss_lib.loss_sums(lm_head(x, w_head), t, mw, c, C)
+        assert float(sums["wce"] / sums["weight"]) == pytest.approx(want, rel=1e-5)
+        assert float(sums["weight"]) == pytest.approx(wm.sum() if weighted else len(messages), rel=1e-6)
+        fused = loss_lib.head_loss_sums(x, w_head, t, mw, c, C, 4)
+        assert float(fused["wce"] / fused["weight"]) == pytest.approx(want, rel=1e-5)
+    token = loss_lib.token_weights(jnp.asarray(w), True, "token")
+    sums = loss_lib.loss_sums(lm_head(x, w_head), t, token, c, C)
+    assert abs(float(sums["wce"] / sums["weight"]) - (wm * means).sum() / wm.sum()) > 1e-3  # the modes differ here
+    np.testing.assert_array_equal(np.asarray(token), w)  # "token" is the weights as prepared
+
+
+def test_prepared_messages_are_separate_runs_in_loader_batches(tiny_tokenizer_dir, tmp_path):  # noqa: F811
+    """What "message" normalization relies on: in packed batches each supervised message is its
+    own run of weight > 0 targets, text tokens + <|end_of_turn|> long, even when a supervised
+    user message (an OpenChat "weight") directly precedes an assistant reply."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from openchat_jax.data.config import data_defaults
+    from openchat_jax.data.loader import make_loader
+    from openchat_jax.data.prepare import prepare
+
+    turns = [("user", "Hello", 0.5), ("assistant", "four", 1.0), ("user", "What is two plus two?", 0.0),
+             ("assistant", "Two plus two is four.", 0.1), ("user", "Thank you", 0.3), ("assistant", "welcome", None)]
+    recs = [{"items": [{"role": r, "content": t, **({} if w is None else {"weight": w})} for r, t, w in turns[:n]],
+             "condition": "GPT4"} for n in (2, 4, 6)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    d = data_defaults()
+    d.files, d.tokenizer, d.dataset_dir = [str(tmp_path / "a.jsonl")], str(tiny_tokenizer_dir), str(tmp_path / "ds")
+    d.max_length, d.num_workers, d.allow_empty_classes = 128, 1, True
+    prepare(d)
+    raw = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    want = sorted(len(raw.encode(t, add_special_tokens=False).ids) + 1
+                  for n in (2, 4, 6) for _, t, w in turns[:n] if w is None or w > 0)
+    batch = next(iter(make_loader(tmp_path / "ds", global_batch_size=1, seq_len=128, seed=0, num_epochs=1)))
+    w = batch["weights"][0]
+    on = np.concatenate([[0], (w > 0).astype(int), [0]])
+    starts, ends = np.nonzero(np.diff(on) == 1)[0], np.nonzero(np.diff(on) == -1)[0]
+    assert sorted((ends - starts).tolist()) == want
+    mw = np.asarray(loss_lib.message_mean_weights(jnp.asarray(batch["weights"])))[0]
+    message_weights = [w for n in (2, 4, 6) for _, _, w in turns[:n] if w is None or w > 0]
+    assert mw.sum() == pytest.approx(sum(1.0 if w is None else w for w in message_weights), rel=1e-6)

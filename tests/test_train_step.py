@@ -237,3 +237,27 @@ def test_fused_head_loss_gives_the_same_update_as_plain_autodiff(setup):
             np.testing.assert_allclose(m[key], m_ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
         for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s_ref)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_message_normalized_step_loss_matches_numpy(setup, batch, ce_numpy):
+    """`train.loss_normalization="message"` through the compiled step: each message (a run of
+    weight > 0 targets, found here by a plain loop) contributes w_m * its mean CE."""
+    ce, _ = ce_numpy
+    w = batch["weights"]
+    num = den = 0.0
+    for b in range(w.shape[0]):
+        t = 0
+        while t < w.shape[1]:
+            if w[b, t] > 0:
+                end = t
+                while end + 1 < w.shape[1] and w[b, end + 1] > 0:
+                    end += 1
+                num += w[b, t] * ce[b, t:end + 1].mean()
+                den += w[b, t]
+                t = end
+            t += 1
+    step = make_train_step(CFG, setup["tx"], setup["schedule"], setup["mesh"], num_classes=C, donate=False,
+                           loss_normalization="message", micro_batches=2)
+    _, metrics = step(setup["state"], setup["gb"])
+    assert float(metrics["loss"]) == pytest.approx(num / den, rel=1e-5)
+    assert abs(num / den - (w * ce).sum() / w.sum()) > 1e-4  # differs from the token mean on this batch

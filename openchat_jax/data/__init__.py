@@ -7,7 +7,7 @@ Modules (import what you need; nothing heavy is imported here):
               render_chat_template, PLAIN_CONDITION   (the one template, training and inference)
   config      data_defaults(), validate(config.data) -> DataSpec
   readers     read_conversations(spec) (ShareGPT / OpenAI / OpenChat, JSON / JSONL)
-  prepare     prepare(config.data) -> report; load_dataset_info(dataset_dir)
+  prepare     prepare(config.data, *, overwrite, verbose) -> report; load_dataset_info(dataset_dir)
   packing     plan_epoch, first_fit_decreasing
   loader      make_loader(dataset_dir, *, global_batch_size, seq_len, seed, ...) -> PackedLoader
 """

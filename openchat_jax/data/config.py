@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,8 +13,9 @@ import ml_collections
 from openchat_jax.data.template import PLAIN_CONDITION, ConvClass
 from openchat_jax.errors import ConfigError
 
-# ShareGPT / OpenAI / OpenChat role names -> "user" | "assistant" | "system". A role not listed
-# here makes the record a counted skip ("unknown role").
+# ShareGPT / OpenAI / OpenChat role names -> "user" | "assistant" | "system", matched
+# case-insensitively ("Human", "GPT"). A role not listed here makes the record a counted skip
+# ("unknown_role").
 DEFAULT_ROLE_MAP = {
     "human": "user",
     "user": "user",
@@ -43,10 +44,15 @@ def data_defaults() -> ml_collections.ConfigDict:
         # (weight = exp(reward / beta), normalised so that the best class has weight 1.0).
         "classes": paper_classes(),
         "beta": 1.0,
-        # label value -> class name. A label equal to a class name also selects that class.
+        # label value -> class name. A label equal to a class's name or to its condition (OpenChat
+        # records' "condition": "GPT4") also selects that class; a label that would select two
+        # different classes is a config error.
         "label_map": {"Model: GPT-4": "gpt4"},
         # Class for labels nobody claims and for records without the label field ("" = skip them).
         "default_class": "gpt3",
+        # False: a configured class that receives no conversation stops `prepare` with an error
+        # (a label field or label map that matches nothing); True: only a loud warning.
+        "allow_empty_classes": False,
         # False: every class uses the plain template ("User:"/"Assistant:"), weights unchanged
         # (the paper's no-condition ablation).
         "conditioned": True,
@@ -54,6 +60,10 @@ def data_defaults() -> ml_collections.ConfigDict:
         # Drop an assistant message that opens a conversation (ShareGPT splits long chats into
         # parts that start mid-dialogue); counted in report.json. False: such records are skipped.
         "drop_leading_assistant": True,
+        # A UTF-8 text file, one phrase per line (blank lines ignored): an assistant reply that
+        # contains any phrase (case-insensitive) gets weight 0, counted in report.json; a
+        # conversation left with no supervised token is a counted skip. "" = no masking.
+        "mask_phrases_file": "",
         "tokenizer": "",  # local folder or hub name
         "max_length": 4096,  # truncation length (keeps the start); also the packing row length
         "dataset_dir": "",  # where `prepare` writes the TFDS/ArrayRecord dataset and report.json
@@ -72,17 +82,25 @@ class DataSpec:
     label_to_class: Mapping[str, int]
     default_class: int | None
     conditioned: bool
-    role_map: Mapping[str, str]
+    role_map: Mapping[str, str]  # lower-case role -> user / assistant / system
     drop_leading_assistant: bool
     tokenizer: str
     max_length: int
     dataset_dir: Path
     num_workers: int
+    # how each label of `label_to_class` selects its class: "name", "condition" or "label_map"
+    label_match: Mapping[str, str] = field(default_factory=dict)
+    allow_empty_classes: bool = False
+    mask_phrases: tuple[str, ...] = ()  # case-folded
 
     def class_for_label(self, label: str | None) -> int | None:
+        return self.match_label(label)[0]
+
+    def match_label(self, label: str | None) -> tuple[int | None, str]:
+        """(class index or None, how: "name" | "condition" | "label_map" | "default_class" | "unclaimed")."""
         if label is not None and label in self.label_to_class:
-            return self.label_to_class[label]
-        return self.default_class
+            return self.label_to_class[label], self.label_match.get(label, "label_map")
+        return self.default_class, "unclaimed" if self.default_class is None else "default_class"
 
 
 def _as_plain(value: Any) -> Any:
@@ -168,21 +186,17 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
     label_map = _as_plain(data.get("label_map")) or {}
     if not isinstance(label_map, Mapping):
         raise ConfigError("data.label_map must be a dict {label: class name}")
-    label_to_class: dict[str, int] = {n: i for i, n in enumerate(names)}
     for label, cname in label_map.items():
         if cname not in names:
             raise ConfigError(f"data.label_map[{label!r}] = {cname!r}: no such class (classes: {names})")
-        label_to_class[str(label)] = names.index(cname)
+    label_to_class, label_match = _label_table(names, conditions, label_map)
     default = data.get("default_class") or None
     if default is not None and default not in names:
         raise ConfigError(f"data.default_class = {default!r}: no such class (classes: {names})")
     conditioned = bool(data.get("conditioned", True))
     if not conditioned:
         classes = [ConvClass(c.name, PLAIN_CONDITION, c.weight) for c in classes]
-    role_map = _as_plain(data.get("role_map")) or dict(DEFAULT_ROLE_MAP)
-    bad_roles = {k: v for k, v in role_map.items() if v not in ("user", "assistant", "system")}
-    if bad_roles:
-        raise ConfigError(f"data.role_map: values must be user/assistant/system, got {bad_roles}")
+    role_map = _role_map(_as_plain(data.get("role_map")) or dict(DEFAULT_ROLE_MAP))
     max_length = data.get("max_length")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ConfigError(f"data.max_length must be an integer >= 2, got {max_length!r}")
@@ -192,6 +206,7 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
     num_workers = data.get("num_workers", 0)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+    mask_file = str(data.get("mask_phrases_file", "") or "")
     if need_files:
         if not data.get("tokenizer"):
             raise ConfigError("data.tokenizer is empty: give a tokenizer folder or hub name")
@@ -211,4 +226,64 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
         max_length=max_length,
         dataset_dir=Path(str(data.get("dataset_dir") or ".")),
         num_workers=num_workers,
+        label_match=label_match,
+        allow_empty_classes=bool(data.get("allow_empty_classes", False)),
+        mask_phrases=read_mask_phrases(mask_file) if need_files and mask_file else (),
     )
+
+
+def _label_table(names: list[str], conditions: list[str],
+                 label_map: Mapping[str, str]) -> tuple[dict[str, int], dict[str, str]]:
+    """label -> class index, and how the label selects it. A label that selects two different
+    classes (say a class's condition mapped elsewhere by label_map) is a ConfigError."""
+    to_class: dict[str, int] = {}
+    how: dict[str, str] = {}
+
+    def claim(label: str, index: int, kind: str) -> None:
+        if label in to_class and to_class[label] != index:
+            raise ConfigError(
+                f"data: label {label!r} is ambiguous: it selects class {names[to_class[label]]!r} (by its "
+                f"{how[label].replace('_', ' ')}) and class {names[index]!r} (by its {kind.replace('_', ' ')}); "
+                "rename a class or condition, or drop the data.label_map entry")
+        to_class[label] = index
+        how.setdefault(label, kind)
+
+    for i, name in enumerate(names):
+        claim(name, i, "name")
+    for i, condition in enumerate(conditions):
+        if condition:
+            claim(condition, i, "condition")
+    for label, cname in label_map.items():
+        claim(str(label), names.index(cname), "label_map")
+    return to_class, how
+
+
+def _role_map(role_map: Any) -> dict[str, str]:
+    if not isinstance(role_map, Mapping):
+        raise ConfigError("data.role_map must be a dict {role name: user | assistant | system}")
+    bad_roles = {k: v for k, v in role_map.items() if v not in ("user", "assistant", "system")}
+    if bad_roles:
+        raise ConfigError(f"data.role_map: values must be user/assistant/system, got {bad_roles}")
+    out: dict[str, str] = {}
+    for role, mapped in role_map.items():
+        key = str(role).lower()
+        if out.get(key, mapped) != mapped:
+            raise ConfigError(f"data.role_map: {role!r} -> {mapped!r} but another spelling of it maps to "
+                              f"{out[key]!r} (roles are matched case-insensitively)")
+        out[key] = mapped
+    return out
+
+
+def read_mask_phrases(path: str | Path) -> tuple[str, ...]:
+    """The phrases of `data.mask_phrases_file`, case-folded, blank lines skipped."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"data.mask_phrases_file: {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.mask_phrases_file: cannot read {p} as UTF-8 text ({e})") from None
+    phrases = tuple(dict.fromkeys(line.strip().casefold() for line in text.splitlines() if line.strip()))
+    if not phrases:
+        raise ConfigError(f"data.mask_phrases_file: {p} holds no phrase (one phrase per line)")
+    return phrases

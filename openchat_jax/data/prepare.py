@@ -4,19 +4,23 @@ Output folder (`data.dataset_dir`):
   openchat_conversations/1.0.0/   TFDS dataset (ArrayRecord): tokens int32[n], weights float32[n], class_id
   index.npz                       lengths int32[N], class_ids int32[N] in record order (for packing plans)
   dataset_info.json               what the train side needs (classes, eot id, vocab size, ...)
-  report.json                     per-class counts and every skipped record (file, line, reason)
+  report.json                     per-class counts, the label table (label value -> class ->
+                                  conversations), masked replies, every skipped record (file, line, reason)
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -33,6 +37,7 @@ REPORT_FILE = "report.json"
 INDEX_FILE = "index.npz"
 CHUNK = 256  # conversations per worker task
 
+log = logging.getLogger(__name__)
 _worker: dict[str, Any] = {}
 
 
@@ -88,28 +93,21 @@ def _tokenized(spec: DataSpec, tokenizer, eot_id: int, convs: list[Conversation]
             yield from result
 
 
-def _check_output_dir(dataset_dir: Path) -> None:
-    """Refuse to overwrite a folder that is not ours; clear our previous outputs."""
-    from openchat_jax.data.tfds_builder import BUILDER_NAME
-
+def _check_output_dir(dataset_dir: Path, overwrite: bool) -> None:
+    """A new or empty folder is fine; a prepared dataset only with `overwrite`; anything else never."""
     if not dataset_dir.exists():
         return
     if not dataset_dir.is_dir():
         raise ConfigError(f"data.dataset_dir {dataset_dir} exists and is not a folder")
-    entries = list(dataset_dir.iterdir())
-    if not entries:
+    if not any(dataset_dir.iterdir()):
         return
     info = dataset_dir / INFO_FILE
-    ours = info.is_file() and _read_json(info).get("format") == FORMAT
-    if not ours:
+    if not (info.is_file() and _read_json(info).get("format") == FORMAT):
         raise ConfigError(f"data.dataset_dir {dataset_dir} is not empty and holds no prepared dataset; "
-                          "refusing to overwrite it")
-    for name in (BUILDER_NAME, INDEX_FILE, INFO_FILE, REPORT_FILE):
-        p = dataset_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+                          "refusing to overwrite it (choose a new or empty folder)")
+    if not overwrite:
+        raise ConfigError(f"data.dataset_dir {dataset_dir} already holds a prepared dataset; pass --overwrite "
+                          "to replace it, or choose another --config.data.dataset_dir")
 
 
 def _read_json(path: Path) -> dict:
@@ -119,27 +117,73 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[str, Any]:
+def _sibling(dataset_dir: Path, tag: str) -> Path:
+    return dataset_dir.parent / f".{dataset_dir.name}.{tag}-{os.getpid()}-{time.time_ns()}"
+
+
+def _move_into_place(work: Path, dataset_dir: Path) -> None:
+    """Renames the finished `work` folder to `dataset_dir`, replacing what `_check_output_dir` allowed."""
+    if dataset_dir.exists():
+        if not any(dataset_dir.iterdir()):
+            dataset_dir.rmdir()
+        else:
+            old = _sibling(dataset_dir, "old")
+            dataset_dir.rename(old)
+            work.rename(dataset_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+    work.rename(dataset_dir)
+
+
+def prepare(data: ml_collections.ConfigDict, *, progress: bool = False, overwrite: bool = False,
+            verbose: bool = False) -> dict[str, Any]:
     """Runs the whole preparation for `config.data`; returns the report (also in report.json).
 
-    Raises ConfigError for a bad config (before reading any data) and DataError when no example
-    has a supervised token."""
-    import tensorflow_datasets as tfds
-
-    from openchat_jax.data.tfds_builder import BUILDER_NAME, make_builder, version_dir
-
+    Raises ConfigError for a bad config (before reading any data), and DataError when no example
+    has a supervised token or a class is left without conversations (unless
+    `data.allow_empty_classes`). The dataset is written to a temporary sibling folder that
+    replaces `data.dataset_dir` only at the end: a failure leaves no dataset folder behind.
+    `overwrite`: replace a previously prepared dataset there. `verbose`: let TFDS print its
+    messages (its "Downloading and preparing dataset ..." lines)."""
     t0 = time.perf_counter()
     spec = validate(data)
     dataset_dir = spec.dataset_dir
     tokenizer, eot_id = load_tokenizer(spec.tokenizer)
-    _check_output_dir(dataset_dir)
+    _check_output_dir(dataset_dir, overwrite)
+    created = [d for d in (dataset_dir, *dataset_dir.parents) if not d.exists()][1:]
+    dataset_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = _sibling(dataset_dir, "partial")
+    work.mkdir()
+    try:
+        report = _prepare_into(work, spec, tokenizer, eot_id, progress=progress, verbose=verbose)
+        report["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        (work / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        _move_into_place(work, dataset_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for d in created:  # parent folders this call made, innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return report
+
+
+def _prepare_into(work: Path, spec: DataSpec, tokenizer, eot_id: int, *, progress: bool,
+                  verbose: bool) -> dict[str, Any]:
+    import tensorflow_datasets as tfds
+
+    from openchat_jax.data.tfds_builder import BUILDER_NAME, make_builder, version_dir
 
     read = read_conversations(spec)
     skips: list[Skip] = list(read.skips)
     names = [c.name for c in spec.classes]
+    _check_empty_classes(spec, read.class_ids, [c.label for c in read.conversations], "read")
     stats = {n: {"conversations": 0, "tokens": 0, "supervised_tokens": 0} for n in names}
     lengths: list[int] = []
     example_classes: list[int] = []
+    kept_labels: list[str | None] = []
     truncated = 0
     exhausted = False
 
@@ -161,18 +205,20 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[
             key = len(lengths)
             lengths.append(n)
             example_classes.append(ex.class_id)
+            kept_labels.append(conv.label)
             yield key, {"tokens": ex.tokens, "weights": ex.weights, "class_id": np.int32(ex.class_id)}
         exhausted = True
 
     if not progress:
         tfds.disable_progress_bar()
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    downloads = dataset_dir / ".tfds_downloads"
-    builder = make_builder(dataset_dir, examples, description="openchat-jax prepared conversations")
+    downloads = work / ".tfds_downloads"
+    builder = make_builder(work, examples, description="openchat-jax prepared conversations")
     try:
-        builder.download_and_prepare(download_dir=str(downloads))
+        with contextlib.ExitStack() as quiet:
+            if not verbose:  # TFDS prints its "Downloading and preparing dataset ..." lines to stdout
+                quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            builder.download_and_prepare(download_dir=str(downloads))
     except Exception:
-        shutil.rmtree(dataset_dir / BUILDER_NAME, ignore_errors=True)
         if lengths or not exhausted:
             raise
         # TFDS refuses to write an empty split; the DataError below says why it is empty.
@@ -181,13 +227,15 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[
 
     total_supervised = sum(s["supervised_tokens"] for s in stats.values())
     if not lengths or total_supervised == 0:
-        shutil.rmtree(dataset_dir / BUILDER_NAME, ignore_errors=True)
         raise DataError(f"no example with a supervised token in {len(spec.files)} file(s), "
-                        f"{read.input_records} record(s); skipped: {_count_kinds(skips)}")
+                        f"{read.input_records} record(s); skipped: {_skip_summary(skips)}")
+    empty = _check_empty_classes(spec, example_classes, kept_labels, "kept")
+    labels = _label_rows(spec, kept_labels, example_classes)
 
-    np.savez(dataset_dir / INDEX_FILE, lengths=np.asarray(lengths, np.int32),
+    np.savez(work / INDEX_FILE, lengths=np.asarray(lengths, np.int32),
              class_ids=np.asarray(example_classes, np.int32))
-    best = max(range(len(spec.classes)), key=lambda i: spec.classes[i].weight)
+    # The expert condition for inference: the highest-weight class that has data (first on ties).
+    best = max((i for i, n in enumerate(names) if stats[n]["conversations"]), key=lambda i: spec.classes[i].weight)
     inference_condition = spec.classes[best].condition
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     info = {
@@ -197,6 +245,7 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[
         "classes": [{"name": c.name, "condition": c.condition, "weight": c.weight, **stats[c.name]}
                     for c in spec.classes],
         "conditioned": spec.conditioned,
+        "inference_class": names[best],
         "inference_condition": inference_condition,
         "chat_template": render_chat_template(inference_condition),
         "eot_id": eot_id,
@@ -208,7 +257,7 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[
         "total_tokens": int(sum(lengths)),
         "total_supervised_tokens": total_supervised,
     }
-    (dataset_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
+    (work / INFO_FILE).write_text(json.dumps(info, indent=1))
 
     skips.sort(key=lambda s: (s.file, s.line))
     report = {
@@ -219,16 +268,77 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[
         "trimmed_leading_assistant": read.trimmed_leading_assistant,
         "truncated_to_max_length": truncated,
         "classes": {c.name: {"condition": c.condition, "weight": c.weight, **stats[c.name]} for c in spec.classes},
+        "empty_classes": empty,
+        "inference_condition": inference_condition,
+        "labels": labels,
+        "default_class_conversations": sum(r["conversations"] for r in labels if r["matched_by"] == "default_class"),
+        "messages_with_weight_field": read.explicit_weights,
+        "masked_replies": read.masked_replies,
+        "masked_by_phrase": dict(sorted(read.masked_by_phrase.items(), key=lambda kv: -kv[1])),
         "totals": {"conversations": len(lengths), "tokens": info["total_tokens"],
                    "supervised_tokens": total_supervised},
         "files": [str(f) for f in spec.files],
-        "dataset_dir": str(dataset_dir),
-        "wall_time_s": round(time.perf_counter() - t0, 2),
+        "dataset_dir": str(spec.dataset_dir),
+        "wall_time_s": 0.0,
         "skipped_records": [s.to_dict() for s in skips],
     }
     assert report["examples"] + report["skipped"] == report["input_records"], report  # every record accounted
-    (dataset_dir / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False))
     return report
+
+
+def _label_rows(spec: DataSpec, labels: Sequence[str | None], class_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per (label value, class, how it was matched): conversations, most first."""
+    counts: dict[tuple[str | None, int], int] = {}
+    for label, cid in zip(labels, class_ids):
+        counts[(label, cid)] = counts.get((label, cid), 0) + 1
+    rows = [{"label": label, "class": spec.classes[cid].name, "matched_by": spec.match_label(label)[1],
+             "conversations": n} for (label, cid), n in counts.items()]
+    return sorted(rows, key=lambda r: (-r["conversations"], str(r["label"])))
+
+
+def format_label_table(report: Mapping[str, Any], label_field: str = "", limit: int = 20) -> str:
+    """The report's label table as text: label value -> class (matched by) -> conversations."""
+    rows = report["labels"]
+    shown = [(("(no label field" + (f" {label_field!r}" if label_field else "") + ")") if r["label"] is None
+              else repr(r["label"]), r["class"], r["matched_by"], str(r["conversations"])) for r in rows[:limit]]
+    head = ("label value", "class", "matched by", "conversations")
+    widths = [max(len(x) for x in col) for col in zip(head, *shown)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *shown)]
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more label values in report.json")
+    lines.append(f"fell to default_class: {report['default_class_conversations']} conversations")
+    return "\n".join(lines)
+
+
+def _check_empty_classes(spec: DataSpec, class_ids: Sequence[int], labels: Sequence[str | None],
+                         stage: str) -> list[str]:
+    """Names of configured classes without a conversation; an error unless allowed."""
+    present = set(class_ids)
+    empty = [c for i, c in enumerate(spec.classes) if i not in present]
+    if not empty or not class_ids:  # no conversation at all: the no-supervised-token error says more
+        return [c.name for c in empty]
+    rows = _label_rows(spec, labels, class_ids)
+    seen = ", ".join(f"{'(none)' if r['label'] is None else repr(r['label'])} -> {r['class']} "
+                     f"({r['matched_by']}, {r['conversations']})" for r in rows[:6])
+    what = ", ".join(f"{c.name!r} (condition {c.condition!r})" for c in empty)
+    state = "received no conversation" if stage == "read" else "has no conversation left after tokenization"
+    message = (f"class {what} {state}. Labels read from field "
+               f"{spec.label_field!r}: {seen}{' ...' if len(rows) > 6 else ''}. Check data.label_field and "
+               "data.label_map; a label selects a class by its name, its condition or data.label_map")
+    if not spec.allow_empty_classes:
+        raise DataError(message + "; --config.data.allow_empty_classes=True prepares anyway")
+    if stage == "kept":
+        log.warning("%s (data.allow_empty_classes=True: preparing anyway)", message)
+    return [c.name for c in empty]
+
+
+def _skip_summary(skips: Sequence[Skip]) -> str:
+    """Counts per kind, each with its first record's reason."""
+    first: dict[str, Skip] = {}
+    for s in skips:
+        first.setdefault(s.kind, s)
+    return "; ".join(f"{kind}: {n} (first: {first[kind].file}:{first[kind].line}: {first[kind].reason})"
+                     for kind, n in _count_kinds(skips).items()) or "nothing (no records)"
 
 
 def _count_kinds(skips: Sequence[Skip]) -> dict[str, int]:

@@ -5,14 +5,24 @@ complete records), a single JSON object, or JSONL (one record per line; blank li
 Formats, detected per record by their list field:
   ShareGPT  {"conversations": [{"from": "human"|"gpt"|..., "value": str}], ...}
   OpenAI    {"messages": [{"role": "system"|"user"|"assistant", "content": str}], ...}
-  OpenChat  {"items": [{"role", "content"}], "condition": str, "system": str}
-A system prompt is a top-level "system" string or a first message with role system. The label is
-the record's `label_field` (for OpenChat records without it, their "condition").
+  OpenChat  {"items": [{"role", "content", "weight"}], "condition": str, "system": str}
+Roles are matched case-insensitively through `data.role_map`. A system prompt is a top-level
+"system" (or the paper-era "system_message") string, or a first message with role system. The
+label is the record's `label_field` (for OpenChat records without it, their "condition").
+
+A message's optional "weight" (OpenChat's format) is its loss weight as given, like the
+reference (ochat/config/conversation_template.py gives each message's text and its
+<|end_of_turn|> `msg.weight`): it replaces the class weight for that message and is not
+multiplied by it (OpenChat's data already carries the class weight, e.g. 0.1 for GPT3 replies),
+weight 0 leaves an assistant reply unsupervised, and a user message with weight > 0 is
+supervised. Messages without it: the class weight on assistant replies, 0 on user messages.
+An assistant reply containing a phrase of `data.mask_phrases_file` gets weight 0.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +58,24 @@ class ReadResult:
     skips: list[Skip] = field(default_factory=list)
     input_records: int = 0
     trimmed_leading_assistant: int = 0
+    masked_replies: int = 0  # assistant replies given weight 0 by a mask phrase (kept or skipped records)
+    masked_by_phrase: dict[str, int] = field(default_factory=dict)  # the first phrase each contained
+    explicit_weights: int = 0  # messages of kept conversations that carry a "weight" field
+
+
+@dataclass(frozen=True)
+class ParsedRecord:
+    messages: tuple[Message, ...]
+    system: str
+    label: str | None
+    trimmed_leading_assistant: bool
+    masked: tuple[str, ...] = ()  # for each masked reply, the phrase it contained
+    explicit_weights: int = 0
+
+    @property
+    def supervised(self) -> bool:
+        """Whether any message will carry weight (before truncation)."""
+        return any(m.weight > 0 if m.weight is not None else m.role == "assistant" for m in self.messages)
 
 
 class RecordError(Exception):
@@ -117,8 +145,37 @@ def _iter_array(text: str, pos: int) -> Iterator[tuple[int, Any]]:
             return
 
 
-def parse_record(obj: Any, spec: DataSpec) -> tuple[tuple[Message, ...], str, str | None, bool]:
-    """Returns `(messages, system, label, trimmed_leading_assistant)` or raises RecordError."""
+def _system_text(obj: dict) -> str:
+    texts = []
+    for key in ("system", "system_message"):
+        value = obj.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise RecordError("wrong_type", f"field {key!r} is not a string")
+        if value:
+            texts.append(value)
+    if len(set(texts)) > 1:
+        raise RecordError("misplaced_system", "system prompt given twice (fields 'system' and 'system_message')")
+    return texts[0] if texts else ""
+
+
+def _message_weight(m: dict, where: str) -> float | None:
+    w = m.get("weight")
+    if w is None:
+        return None
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise RecordError("bad_weight", f"{where}: field 'weight' must be a finite number >= 0, got {w!r}")
+    return float(w)
+
+
+def _masking_phrase(text: str, phrases: tuple[str, ...]) -> str | None:
+    folded = text.casefold()
+    return next((p for p in phrases if p in folded), None)
+
+
+def parse_record(obj: Any, spec: DataSpec) -> ParsedRecord:
+    """Parses and validates one record, or raises RecordError."""
     if not isinstance(obj, dict):
         raise RecordError("not_object", f"record is a JSON {type(obj).__name__}, not an object")
     for list_key, role_key, content_key in _FORMATS:
@@ -129,11 +186,7 @@ def parse_record(obj: Any, spec: DataSpec) -> tuple[tuple[Message, ...], str, st
     items = obj[list_key]
     if not isinstance(items, list):
         raise RecordError("wrong_type", f"field {list_key!r} is not a list")
-    system = obj.get("system", "")
-    if system is None:
-        system = ""
-    if not isinstance(system, str):
-        raise RecordError("wrong_type", "field 'system' is not a string")
+    system = _system_text(obj)
     messages: list[Message] = []
     for k, m in enumerate(items):
         where = f"{list_key}[{k}]"
@@ -147,10 +200,15 @@ def parse_record(obj: Any, spec: DataSpec) -> tuple[tuple[Message, ...], str, st
             raise RecordError("missing_field", f"{where}: missing field {content_key!r}")
         if not isinstance(content, str):
             raise RecordError("wrong_type", f"{where}: field {content_key!r} is not a string")
-        if not isinstance(role, str) or role not in spec.role_map:
-            raise RecordError("unknown_role", f"{where}: unknown role {role!r} (known: {sorted(spec.role_map)})")
-        mapped = spec.role_map[role]
+        if not isinstance(role, str) or role.lower() not in spec.role_map:
+            raise RecordError("unknown_role", f"{where}: unknown role {role!r}; add it to data.role_map "
+                                              f"(known, any case: {sorted(spec.role_map)})")
+        mapped = spec.role_map[role.lower()]
+        weight = _message_weight(m, where)
         if mapped == "system":
+            if weight:
+                raise RecordError("bad_weight", f"{where}: a system message has weight {weight}; system text is "
+                                                "never supervised")
             if k != 0:
                 raise RecordError("misplaced_system", f"{where}: a system message may only come first")
             if system and content:
@@ -159,7 +217,7 @@ def parse_record(obj: Any, spec: DataSpec) -> tuple[tuple[Message, ...], str, st
             continue
         if not content.strip():
             raise RecordError("empty_message", f"{where}: empty message")
-        messages.append(Message(mapped, content))
+        messages.append(Message(mapped, content, weight))
     trimmed = False
     if messages and messages[0].role == "assistant" and spec.drop_leading_assistant:
         messages, trimmed = messages[1:], True
@@ -175,12 +233,20 @@ def parse_record(obj: Any, spec: DataSpec) -> tuple[tuple[Message, ...], str, st
                               "was expected; conversations go user, assistant, user, ...)")
     if len(messages) < 2:
         raise RecordError("no_assistant_turn", "no assistant turn")
+    explicit = sum(m.weight is not None for m in messages)
+    masked: list[str] = []
+    if spec.mask_phrases:
+        for k, m in enumerate(messages):
+            phrase = _masking_phrase(m.content, spec.mask_phrases) if m.role == "assistant" else None
+            if phrase is not None:
+                messages[k] = Message(m.role, m.content, 0.0)
+                masked.append(phrase)
     label = obj.get(spec.label_field)
     if label is None and list_key == "items" and obj.get("condition"):
         label = obj["condition"]
     if label is not None and not isinstance(label, (str, int, float)):
         raise RecordError("wrong_type", f"label field {spec.label_field!r} is not a string")
-    return tuple(messages), system, None if label is None else str(label), trimmed
+    return ParsedRecord(tuple(messages), system, None if label is None else str(label), trimmed, tuple(masked), explicit)
 
 
 def read_conversations(spec: DataSpec) -> ReadResult:
@@ -193,7 +259,15 @@ def read_conversations(spec: DataSpec) -> ReadResult:
             try:
                 if isinstance(obj, RecordError):
                     raise obj
-                messages, system, label, trimmed = parse_record(obj, spec)
+                rec = parse_record(obj, spec)
+                label = rec.label
+                result.masked_replies += len(rec.masked)
+                for phrase in rec.masked:
+                    result.masked_by_phrase[phrase] = result.masked_by_phrase.get(phrase, 0) + 1
+                if not rec.supervised:
+                    raise RecordError("no_supervised_token", "every message has weight 0 (a 'weight' field of 0"
+                                      + (f" or a reply containing the data.mask_phrases_file phrase {rec.masked[0]!r}"
+                                         if rec.masked else "") + ")")
                 class_id = spec.class_for_label(label)
                 if class_id is None:
                     if label is None:
@@ -204,7 +278,8 @@ def read_conversations(spec: DataSpec) -> ReadResult:
             except RecordError as e:
                 result.skips.append(Skip(str(path), line, e.kind, e.reason))
                 continue
-            result.trimmed_leading_assistant += trimmed
-            result.conversations.append(Conversation(messages, system, label, origin=f"{path}:{line}"))
+            result.trimmed_leading_assistant += rec.trimmed_leading_assistant
+            result.explicit_weights += rec.explicit_weights
+            result.conversations.append(Conversation(rec.messages, rec.system, label, origin=f"{path}:{line}"))
             result.class_ids.append(class_id)
     return result

@@ -18,9 +18,12 @@ like OpenChat (`add_space_before_msg=False`), the tokenizer's own SentencePiece-
 separates prefix and message. With the Llama-2 tokenizer: "GPT4 User:" -> ▁G PT 4 ▁User :,
 "Hello" -> ▁Hello.
 
-Weights: the class weight on every assistant message token and on the `<|end_of_turn|>` that
-ends it; 0 on `<s>`, system text, role prefixes and user messages. Truncation keeps the first
-`max_length` tokens; an example left with no weighted token is dropped (`None`).
+Weights: a message's weight on every token of its text and on the `<|end_of_turn|>` that ends
+it; 0 on `<s>`, system text and role prefixes. A message's weight is its own `weight` when it
+has one (OpenChat records; see readers.py), else the class weight for an assistant message and
+0 for a user message. Every message is preceded by a role prefix of weight 0, so the weighted
+tokens of two messages never touch. Truncation keeps the first `max_length` tokens; an example
+left with no weighted token is dropped (`None`).
 
 Inference: `build_prompt` gives the same ids as training up to (excluding) the assistant
 answer, i.e. it ends with the assistant prefix (e.g. "GPT4 Assistant:").
@@ -54,6 +57,7 @@ class ConvClass:
 class Message:
     role: str  # "user" | "assistant"
     content: str
+    weight: float | None = None  # loss weight given by the data; None = the template's default
 
 
 @dataclass(frozen=True)
@@ -138,22 +142,22 @@ class TemplateBuilder:
         return self._prefix_cache[key]
 
     def _pieces(self, system: str, messages: Sequence[Message], condition: str, texts: list[list[int]],
-                generation_prompt: bool) -> tuple[list[list[int]], list[bool]]:
-        """Token pieces and whether each carries the class weight."""
+                generation_prompt: bool, class_weight: float = 0.0) -> tuple[list[list[int]], list[float]]:
+        """Token pieces and the weight of each piece's tokens."""
         pieces: list[list[int]] = [self.bos_ids]
-        supervised: list[bool] = [False]
+        weights: list[float] = [0.0]
         it = iter(texts)
         if system:
             pieces += [next(it), [self.eot_id]]
-            supervised += [False, False]
+            weights += [0.0, 0.0]
         for m in messages:
-            is_asst = m.role == "assistant"
+            w = m.weight if m.weight is not None else class_weight if m.role == "assistant" else 0.0
             pieces += [self.prefix_ids(m.role, condition), next(it), [self.eot_id]]
-            supervised += [False, is_asst, is_asst]
+            weights += [0.0, w, w]
         if generation_prompt:
             pieces.append(self.prefix_ids("assistant", condition))
-            supervised.append(False)
-        return pieces, supervised
+            weights.append(0.0)
+        return pieces, weights
 
     def build_examples(self, conversations: Sequence[Conversation], classes: Sequence[ConvClass] | Mapping[int, ConvClass],
                        class_ids: Sequence[int], max_length: int,
@@ -171,10 +175,11 @@ class TemplateBuilder:
             n_texts = len(conv.messages) + (1 if conv.system else 0)
             own = list(itertools.islice(encoded, n_texts))
             cond = cls.condition if condition is None else condition
-            pieces, supervised = self._pieces(conv.system, conv.messages, cond, own, generation_prompt=False)
+            pieces, piece_weights = self._pieces(conv.system, conv.messages, cond, own, generation_prompt=False,
+                                                 class_weight=cls.weight)
             lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
             tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
-            weights = np.repeat(np.where(supervised, np.float32(cls.weight), np.float32(0.0)), lengths)
+            weights = np.repeat(np.asarray(piece_weights, np.float32), lengths)
             tokens, weights = tokens[:max_length], weights[:max_length].astype(np.float32)
             if not np.any(weights > 0):
                 out.append(None)

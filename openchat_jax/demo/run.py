@@ -19,10 +19,8 @@ Seed s draws the data (questions, sources, slips) and the model's initial weight
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import io
 import json
 import time
 from pathlib import Path
@@ -172,8 +170,7 @@ def run_variant(
                          dataset_dir=dataset_dir, workdir=workdir)
     t0 = time.perf_counter()
     if prepared is None or dataset_dir not in prepared:
-        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing ..."
-            report = prepare(cfg.data)
+        report = prepare(cfg.data, overwrite=True)  # an older demo run's dataset is replaced
         log(f"  prepared {dataset_dir.name}: {report['examples']} conversations "
             f"({report['skipped']} skipped by the label map), {report['totals']['tokens']} tokens")
         if prepared is not None:

@@ -42,6 +42,11 @@ def train_defaults() -> ml_collections.ConfigDict:
         "decay_embeddings": True,  # False: no weight decay on embed / lm_head
         "grad_clip": 1.0,
         "weighted": True,
+        # "token": loss = sum_t w_t CE_t / sum_t w_t over the step's supervised tokens (a long reply
+        # counts more). "message": each message's weights are divided by its token count, so each
+        # reply counts by its weight whatever its length (OpenChat's --per-sequence-loss). Chosen at
+        # train time: the prepared data is the same either way.
+        "loss_normalization": "token",
         # The LM head applied inside the loss, whose logits gradient is formed in the forward pass
         # (no [B, L, V] logits kept for the backward); False = plain autodiff of logits -> loss.
         "fused_head_loss": True,

@@ -24,12 +24,42 @@ Sums = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions", "class_ids")
 
 
-def token_weights(weights_BxL: jax.Array, weighted: bool) -> jax.Array:
+LOSS_NORMALIZATIONS = ("token", "message")
+
+
+def token_weights(weights_BxL: jax.Array, weighted: bool, normalization: str = "token") -> jax.Array:
     """The weights the loss uses. `weighted=False` (paper's ablation) keeps which tokens are
-    supervised (weight > 0) but gives each of them weight 1.0."""
-    if weighted:
-        return weights_BxL.astype(jnp.float32)
-    return (weights_BxL > 0).astype(jnp.float32)
+    supervised (weight > 0) but gives each of them weight 1.0. `normalization="message"` then
+    divides each message's weights by its token count (`message_mean_weights`)."""
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"loss normalization {normalization!r} is not one of {LOSS_NORMALIZATIONS}")
+    w_BxL = weights_BxL.astype(jnp.float32) if weighted else (weights_BxL > 0).astype(jnp.float32)
+    return message_mean_weights(w_BxL) if normalization == "message" else w_BxL
+
+
+def message_mean_weights(w_BxL: jax.Array) -> jax.Array:
+    """Each message's token weights divided by the message's token count: the loss becomes
+    sum_m w_m * mean_{t in m} CE_t / sum_m w_m, a per-message mean.
+
+    This is OpenChat's `--per-sequence-loss` (ochat/data/generate_dataset.py passes it to
+    ochat/config/conversation_template.py, which sets `w /= len(text) + len(self.eot_tokens_)` for
+    every token of a message's text and its <|end_of_turn|>; ochat/training_deepspeed/train.py
+    divides the step's sum(w * CE) by the step's sum of those weights, `all_numseq`). A message
+    is a maximal run of weight > 0 positions within a row: the template puts a role prefix of
+    weight 0 before every message and a segment's last position has weight 0, so the supervised
+    targets of two messages never touch (data/template.py), and a run holds exactly a message's
+    text tokens and its <|end_of_turn|>. One difference: a message cut by `data.max_length` is
+    averaged over the tokens it keeps, where the reference divides by its uncut length.
+    """
+    L = w_BxL.shape[-1]
+    on_BxL = w_BxL > 0
+    pos_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), w_BxL.shape)
+    prev_on = jnp.pad(on_BxL[:, :-1], ((0, 0), (1, 0)))
+    next_on = jnp.pad(on_BxL[:, 1:], ((0, 0), (0, 1)))
+    start_BxL = jax.lax.cummax(jnp.where(on_BxL & ~prev_on, pos_BxL, -1), axis=1)
+    end_BxL = jax.lax.cummin(jnp.where(on_BxL & ~next_on, pos_BxL, L), axis=1, reverse=True)
+    count_BxL = (end_BxL - start_BxL + 1).astype(jnp.float32)
+    return jnp.where(on_BxL, w_BxL / jnp.where(on_BxL, count_BxL, 1.0), 0.0)
 
 
 def _logit_stats(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> tuple[jax.Array, ...]:

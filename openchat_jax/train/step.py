@@ -29,7 +29,8 @@ from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import forward, init_params, param_shapes
 from openchat_jax.model.partitioning import Rules, constrain, use_rules
 from openchat_jax.train import mesh as mesh_lib
-from openchat_jax.train.loss import BATCH_KEYS, head_loss_sums, loss_sums, sums_to_metrics, token_weights, zero_sums
+from openchat_jax.train.loss import (BATCH_KEYS, LOSS_NORMALIZATIONS, head_loss_sums, loss_sums, sums_to_metrics,
+                                     token_weights, zero_sums)
 from openchat_jax.train.optimizer import Schedule, schedule_count
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,12 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
-def batch_loss(params: Any, model_cfg: LlamaConfig, batch: Batch, num_classes: int, weighted: bool = True) -> tuple[jax.Array, dict]:
+def batch_loss(params: Any, model_cfg: LlamaConfig, batch: Batch, num_classes: int, weighted: bool = True,
+               loss_normalization: str = "token") -> tuple[jax.Array, dict]:
     """The objective on one batch, no accumulation: (sum(w*CE)/sum(w), sums). For tests/eval."""
     logits = forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
-    sums = loss_sums(logits, batch["targets"], token_weights(batch["weights"], weighted), batch["class_ids"], num_classes)
+    w = token_weights(batch["weights"], weighted, loss_normalization)
+    sums = loss_sums(logits, batch["targets"], w, batch["class_ids"], num_classes)
     return sums["wce"] / sums["weight"], sums
 
 
@@ -143,6 +146,7 @@ def train_step(
     num_classes: int,
     micro_batches: int = 1,
     weighted: bool = True,
+    loss_normalization: str = "token",
     param_shardings: Any = None,
     fused_head: bool = True,
     loss_chunk_length: int = 0,
@@ -151,10 +155,11 @@ def train_step(
     """The un-jitted step (see module doc). Call under `use_rules` to shard activations.
     `fused_head`: the LM head is applied inside the loss (`loss.head_loss_sums`, chunks of
     `loss_chunk_length` positions, skipping the chunks that hold no supervised token when
-    `skip_unsupervised_logits`); False differentiates logits -> `loss_sums` as written."""
+    `skip_unsupervised_logits`); False differentiates logits -> `loss_sums` as written.
+    `loss_normalization`: "token" or "message" (`loss.token_weights`)."""
     params = state["params"]
     batch = {k: batch[k] for k in BATCH_KEYS}
-    batch["weights"] = token_weights(batch["weights"], weighted)
+    batch["weights"] = token_weights(batch["weights"], weighted, loss_normalization)
     denominator = batch["weights"].sum()  # the whole step's sum(w), before any micro-batching
 
     def micro_loss(p: Any, mb: Batch) -> tuple[jax.Array, dict]:
@@ -225,8 +230,11 @@ def loss_options(train_cfg: Any, seq_len: int) -> dict[str, Any]:
     skip = train_cfg.get("skip_unsupervised_logits", True)
     if not isinstance(skip, bool):
         raise ConfigError(f"train.skip_unsupervised_logits={skip!r} must be True or False")
+    normalization = train_cfg.get("loss_normalization", "token")
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ConfigError(f"train.loss_normalization={normalization!r} must be one of {list(LOSS_NORMALIZATIONS)}")
     return {"fused_head": bool(train_cfg.get("fused_head_loss", True)), "loss_chunk_length": chunk,
-            "skip_unsupervised_logits": skip}
+            "skip_unsupervised_logits": skip, "loss_normalization": normalization}
 
 
 def make_train_step(
@@ -238,6 +246,7 @@ def make_train_step(
     num_classes: int,
     micro_batches: int = 1,
     weighted: bool = True,
+    loss_normalization: str = "token",
     rules: Rules = mesh_lib.LOGICAL_AXIS_RULES,
     donate: bool = True,
     fused_head: bool = True,
@@ -251,7 +260,8 @@ def make_train_step(
         with use_rules(mesh, rules):
             return train_step(
                 state, batch, model_cfg=model_cfg, tx=tx, schedule=schedule, num_classes=num_classes,
-                micro_batches=micro_batches, weighted=weighted, param_shardings=shardings["params"],
+                micro_batches=micro_batches, weighted=weighted, loss_normalization=loss_normalization,
+                param_shardings=shardings["params"],
                 fused_head=fused_head, loss_chunk_length=loss_chunk_length,
                 skip_unsupervised_logits=skip_unsupervised_logits,
             )
