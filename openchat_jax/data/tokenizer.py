@@ -200,7 +200,10 @@ def _from_sentencepiece(folder: Path, name: str):
            if i >= 0}
     # legacy=True: transformers leaves SentencePiece's own dummy-prefix handling alone.
     tokenizer = sentencepiece_tokenizer_class()(vocab_file=str(path), legacy=True, **{**own, **_special_tokens(folder)})
-    added = _read_json(folder / ADDED_TOKENS)
+    base = sp.get_piece_size()
+    added = {str(v.get("content")): int(k) for k, v in _read_json(folder / TOKENIZER_CONFIG).get("added_tokens_decoder", {}).items()
+             if int(k) >= base and isinstance(v, dict)}
+    added.update(_read_json(folder / ADDED_TOKENS))
     if added:
         from tokenizers import AddedToken
 
