@@ -461,13 +461,19 @@ def save_final_weights(run: Run, state: TrainState, out_dir: str) -> None:
             from openchat_jax.data.tokenizer import save_tokenizer
 
             save_tokenizer(tokenizer, Path(out_dir) / "tokenizer")
-        (Path(out_dir) / CLASSES_FILE).write_text(json.dumps(classes_record(info), indent=1) + "\n")
+        record = classes_record(info)
+        if record is not None:
+            (Path(out_dir) / CLASSES_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def classes_record(info: Mapping[str, Any]) -> dict[str, Any]:
+def classes_record(info: Mapping[str, Any]) -> dict[str, Any] | None:
     """The classes and the inference condition of a prepared dataset, as the weights record them
-    (`final/classes.json`, each checkpoint's custom metadata); openchat_jax.infer.classes reads it."""
-    classes = [{k: c[k] for k in ("name", "condition", "weight")} for c in info["classes"]]
+    (`final/classes.json`, each checkpoint's custom metadata); openchat_jax.infer.classes reads it.
+    None when the loader's info does not say (a loader not built from a prepared dataset)."""
+    keys = ("name", "condition", "weight")
+    if not all(k in c for c in info.get("classes", ()) for k in keys):
+        return None
+    classes = [{k: c[k] for k in keys} for c in info["classes"]]
     record: dict[str, Any] = {"classes": classes}
     if info.get("inference_condition") is not None:
         record["inference_condition"] = info["inference_condition"]
