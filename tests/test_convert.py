@@ -260,7 +260,7 @@ def test_llama_style_tokenizer_keeps_its_behaviour_and_exports_a_chat_template(t
     assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
     _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "chat"), "--condition-text", "GPT4")
     assert "GPT4" in json.loads((tmp_path / "chat" / "tokenizer_config.json").read_text())["chat_template"]
-    assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["eos_token_id"] == V
+    assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["eos_token_id"] == [V, 2]
     assert transformers.LlamaForCausalLM.from_pretrained(tmp_path / "chat").config.vocab_size == V + 1
     # Classes recorded beside the weights: the highest-weight (expert) class by default.
     classes = [{"name": "gpt3", "condition": "GPT3", "weight": 0.1}, {"name": "gpt4", "condition": "GPT4", "weight": 1.0}]

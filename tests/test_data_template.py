@@ -46,7 +46,7 @@ def _ids(tok, text: str) -> list[int]:
 
 def test_eot_added_with_next_free_id(tiny):
     tok, eot = tiny
-    assert eot == 454 == len(tok) - 1
+    assert eot == 456 == len(tok) - 1
     assert tok.convert_ids_to_tokens(eot) == EOT_TOKEN
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
 

@@ -4,7 +4,8 @@ Same layout and pipeline as Llama-2's `tokenizer.json`: ids 0,1,2 are `<unk>`, `
 ids 3..258 are the byte-fallback tokens `<0x00>`..`<0xFF>`; then `▁` and printable ASCII;
 then BPE merges learned (by a small, tie-broken, pure-Python trainer) from a fixed corpus.
 The JSON layout is `openchat_jax.demo.tokenizer`'s; only the merges differ from the demo's.
-Words start with `▁` (SentencePiece style), so no merge crosses a word boundary.
+Words start with `▁` (SentencePiece style), so no merge crosses a word boundary; runs of `▁` merge
+into `▁▁` and `▁▁▁▁` (as in Llama-2), so leading and repeated spaces tokenize as they do there.
 `tokenizer_config.json` names `LlamaTokenizerFast` with `legacy: true`, exactly like the real
 Llama-2 folder, so `transformers.AutoTokenizer` builds it the same way (Metaspace pre-tokenizer,
 byte fallback). Vocabulary: about 500 tokens, so tiny models stay cheap.
@@ -71,9 +72,13 @@ def _learn_merges(words: Counter[str], num_merges: int) -> list[tuple[str, str]]
     return merges
 
 
+# Runs of "▁" as single tokens, as Llama-2 has them ("▁▁" is id 259 there), merged last.
+WHITESPACE_MERGES = [(SPACE, SPACE), (SPACE * 2, SPACE * 2)]
+
+
 def tiny_tokenizer_json() -> dict:
     words = Counter(SPACE + w for line in CORPUS for w in line.split(" "))
-    return llama_style_tokenizer_json(_learn_merges(words, NUM_MERGES))
+    return llama_style_tokenizer_json(_learn_merges(words, NUM_MERGES) + WHITESPACE_MERGES)
 
 
 def build_tiny_tokenizer(out_dir: Path) -> Path:
@@ -84,3 +89,28 @@ def build_tiny_tokenizer(out_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+def build_sentencepiece_tokenizer(out_dir: Path) -> Path:
+    """A folder holding only `tokenizer.model`: a tiny SentencePiece BPE model trained here, with
+    Llama-2's settings (byte fallback, digits split, no text normalisation, spaces kept as written)."""
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [line for _ in range(4) for line in CORPUS] + ["Ünïcödé 日本語 текст 😀 ✓", "    indented\tcode()"]
+    text_file = out_dir.parent / f"{out_dir.name}_corpus.txt"
+    text_file.write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(out_dir / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+    )
+    (out_dir / "tokenizer.vocab").unlink()
+    text_file.unlink()
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_sentencepiece_tokenizer(tmp_path_factory.mktemp("sp_tokenizer") / "tok")

@@ -22,6 +22,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     parser.add_argument("--context", type=int, help="max prompt + answer tokens (default: the model's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="compute dtype (default: the one model_config.json records)")
     parser.add_argument("--mesh", help="run on a device mesh, e.g. fsdp=-1 or data=2,tensor=4 "
                         "(default: one device)")
 
@@ -55,7 +57,7 @@ def load(args: argparse.Namespace):
     conv_class = resolve_condition(args.ckpt, class_name=args.condition, condition_text=args.condition_text,
                                    classes_from=args.classes_from)
     mesh, rules = parse_mesh(args.mesh)
-    model = load_chat_model(args.ckpt, tokenizer_path=args.tokenizer, mesh=mesh, rules=rules)
+    model = load_chat_model(args.ckpt, tokenizer_path=args.tokenizer, mesh=mesh, rules=rules, dtype=args.dtype)
     return model, conv_class, sampling
 
 

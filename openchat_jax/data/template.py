@@ -86,6 +86,7 @@ class PieceEncoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        self._sentencepiece = getattr(tokenizer, "sp_model", None)  # a tokenizer.model-only folder
         if backend is not None:
             from tokenizers import Tokenizer
 
@@ -100,6 +101,8 @@ class PieceEncoder:
             return []
         if self._backend is not None:
             return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        if self._sentencepiece is not None:  # SentencePiece's own ids; it never parses special-token text
+            return [list(ids) for ids in self._sentencepiece.encode(list(texts))]
         out = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True,
                              return_attention_mask=False)
         return [list(ids) for ids in out["input_ids"]]
@@ -217,15 +220,16 @@ def build_prompt(tokenizer, eot_id: int, messages: Sequence[Message | Mapping[st
 def render_chat_template(condition: str) -> str:
     """A Jinja `chat_template` (for tokenizer_config.json) rendering this template for `condition`.
 
-    Exact for tokenizers that put SentencePiece's "▁" before every piece, including after a special
-    token (Llama-2 as shipped, `legacy: true`, loaded by transformers' LlamaTokenizer): the text
-    `<s>{system}<|end_of_turn|>{prefix} {message}<|end_of_turn|>...{assistant prefix}` then gives the
-    same ids as `build_prompt`. The space between prefix and message stands for the "▁" that separate
-    tokenization adds; a message that already starts with a space uses that space instead (separate
-    tokenization does not double it), and an empty message adds nothing. One difference cannot be
-    expressed in a text template: special-token strings typed inside a message are parsed as special
-    tokens by `apply_chat_template`, whereas the training template keeps them as text.
-    A `system` message is accepted only as the first message.
+    The text `<s>{system}<|end_of_turn|>{prefix} {message}<|end_of_turn|>...{assistant prefix}`,
+    tokenized by the tokenizer file's own pipeline (Llama-2's tokenizer.json, or SentencePiece),
+    gives `build_prompt`'s ids: the tokenizer splits the text at the special tokens and puts its "▁"
+    before each part, as it does before each separately tokenized piece; the one space between a
+    role prefix and a non-empty message stands for the "▁" that the message's own tokenization
+    starts with (whatever the message starts with: spaces, tabs, newlines), and no token of such a
+    vocabulary joins the prefix's last character with a following "▁". An empty message adds nothing.
+    One difference cannot be expressed in a text template: special-token strings typed inside a
+    message are parsed as special tokens by `apply_chat_template`, whereas the training template
+    keeps them as text. A `system` message is accepted only as the first message.
     """
     user, assistant = role_prefix("user", condition), role_prefix("assistant", condition)
     return (
@@ -238,8 +242,8 @@ def render_chat_template(condition: str) -> str:
         "{% if message['role'] == 'user' %}{{ '" + _jinja_str(user) + "' }}"
         "{% elif message['role'] == 'assistant' %}{{ '" + _jinja_str(assistant) + "' }}"
         "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-        "{% if message['content'] and not message['content'].startswith(' ') %}{{ ' ' }}{% endif %}"
-        "{{ message['content'] + '" + EOT_TOKEN + "' }}"
+        "{% if message['content'] %}{{ ' ' + message['content'] }}{% endif %}"
+        "{{ '" + EOT_TOKEN + "' }}"
         "{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '" + _jinja_str(assistant) + "' }}{% endif %}"

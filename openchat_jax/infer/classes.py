@@ -3,8 +3,10 @@
 The classes a model was trained with are read from JSON next to the weights or the prepared data:
 `classes.json` (in the checkpoint folder) or `dataset_info.json` (in a prepared dataset folder).
 Accepted shapes: a list of {"name", "condition", "weight"}; or an object whose "classes" entry is
-such a list or a {name: {"condition", "weight"}} map. Without a choice the class with the highest
-weight (the expert one) is used, as the paper does at inference.
+such a list or a {name: {"condition", "weight"}} map, optionally with "inference_condition" (as
+training's `final/classes.json` and `dataset_info.json` record it). Without a choice the class of the
+recorded inference condition is used, else the class with the highest weight (the expert one), as the
+paper does at inference.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def _parse(obj: Any, where: str) -> list[ConvClass]:
 
 def read_classes(path: str | Path) -> list[ConvClass]:
     """Classes from a JSON file, or from the first of CLASS_FILES found in a folder."""
+    return _read(path)[0]
+
+
+def _read(path: str | Path) -> tuple[list[ConvClass], str | None]:
+    """(classes, the recorded inference condition or None)."""
     path = Path(path)
     if path.is_dir():
         found = [path / name for name in CLASS_FILES if (path / name).is_file()]
@@ -53,23 +60,34 @@ def read_classes(path: str | Path) -> list[ConvClass]:
         obj = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    return _parse(obj, str(path))
+    condition = obj.get("inference_condition") if isinstance(obj, dict) else None
+    if condition is not None and not isinstance(condition, str):
+        raise ConfigError(f"{path}: inference_condition must be a string, got {type(condition).__name__}")
+    return _parse(obj, str(path)), condition
+
+
+def _find(ckpt_dir: str | Path, classes_from: str | Path | None) -> tuple[list[ConvClass], str | None] | None:
+    if classes_from is not None:
+        return _read(classes_from)
+    ckpt = Path(ckpt_dir)
+    if any((ckpt / name).is_file() for name in CLASS_FILES):
+        return _read(ckpt)
+    return None
 
 
 def find_classes(ckpt_dir: str | Path, classes_from: str | Path | None = None) -> list[ConvClass] | None:
     """`classes_from` if given, else the checkpoint folder's class file, else None."""
-    if classes_from is not None:
-        return read_classes(classes_from)
-    ckpt = Path(ckpt_dir)
-    if any((ckpt / name).is_file() for name in CLASS_FILES):
-        return read_classes(ckpt)
-    return None
+    found = _find(ckpt_dir, classes_from)
+    return None if found is None else found[0]
 
 
-def choose_class(classes: Sequence[ConvClass], name: str | None = None) -> ConvClass:
-    """The named class, or the one with the highest weight (first on ties)."""
+def choose_class(classes: Sequence[ConvClass], name: str | None = None,
+                 inference_condition: str | None = None) -> ConvClass:
+    """The named class; else the recorded inference condition's class; else the one with the
+    highest weight (first on ties)."""
     if name is None:
-        return max(classes, key=lambda c: c.weight)
+        matching = [c for c in classes if c.condition == inference_condition]
+        return max(matching or classes, key=lambda c: c.weight)
     for c in classes:
         if c.name == name:
             return c
@@ -89,10 +107,10 @@ def resolve_condition(
         if class_name is not None:
             raise ConfigError("give either a class name (--condition) or a literal prefix (--condition-text), not both")
         return ConvClass(name=condition_text or "plain", condition=condition_text, weight=1.0)
-    classes = find_classes(ckpt_dir, classes_from)
-    if classes is None:
+    found = _find(ckpt_dir, classes_from)
+    if found is None:
         raise ConfigError(
             f"{ckpt_dir}: no {' or '.join(CLASS_FILES)} records the classes; pass --classes-from DATASET_DIR "
             "or a literal template prefix with --condition-text (e.g. GPT4)"
         )
-    return choose_class(classes, class_name)
+    return choose_class(found[0], class_name, found[1])

@@ -57,10 +57,12 @@ def load_chat_model(
     tokenizer_path: str | Path | None = None,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
+    dtype: str | None = None,
 ) -> ChatModel:
     """Weights from a weights folder (`convert hf-to-jax` output or training's final folder); the
     tokenizer from `tokenizer_path` or the folder's `tokenizer/`. On a mesh the params are restored
-    straight into the train side's shardings."""
+    straight into the train side's shardings. `dtype` (e.g. "float32") replaces the compute dtype
+    that model_config.json records; the weights stay as stored."""
     from openchat_jax.data.tokenizer import load_tokenizer
     from openchat_jax.model import checkpoint_io
 
@@ -85,6 +87,8 @@ def load_chat_model(
     else:
         params, cfg = checkpoint_io.load_params(ckpt_dir)
         params = jax.device_put(params)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
     return ChatModel(params, cfg, tokenizer, eot_id, mesh, rules)
 
 

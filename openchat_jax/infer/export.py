@@ -1,14 +1,15 @@
 """Chat files for an exported HF folder, so transformers / vLLM / TGI talk to the model with our
 template and stop where it stops:
 
-  tokenizer files   the tokenizer with `<|end_of_turn|>`; its eos_token is `<|end_of_turn|>` (the
-                    token the model ends an answer with; the template never uses `</s>`);
+  tokenizer files   the tokenizer with `<|end_of_turn|>`, saved so that AutoTokenizer runs the
+                    tokenizer file's own pipeline (`data.tokenizer.save_tokenizer`); its eos_token is
+                    `<|end_of_turn|>` (the token the model ends an answer with);
   tokenizer_config.json["chat_template"]
                     the data side's `render_chat_template(condition)` (one template implementation),
                     so `apply_chat_template(messages, add_generation_prompt=True)` gives the ids of
                     `build_prompt` for that condition (the expert one by default);
   generation_config.json
-                    eos_token_id = `<|end_of_turn|>`'s id (other fields already there are kept).
+                    eos_token_id = [`<|end_of_turn|>`'s id, `</s>`'s id] (other fields are kept).
 `convert jax-to-hf` calls `write_chat_files` after writing the weights.
 """
 
@@ -19,14 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from openchat_jax.data.template import render_chat_template
-from openchat_jax.data.tokenizer import EOT_TOKEN
+from openchat_jax.data.tokenizer import EOT_TOKEN, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, save_tokenizer
 from openchat_jax.errors import CheckpointError
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers prefers it over tokenizer_config's entry
-TOKENIZER_JSON = "tokenizer.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -48,19 +46,11 @@ def write_chat_files(out_dir: str | Path, tokenizer: Any, eot_id: int, condition
         raise CheckpointError(
             f"the tokenizer maps {EOT_TOKEN} to {tokenizer.convert_tokens_to_ids(EOT_TOKEN)}, not {eot_id}"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
+    base_eos = tokenizer.eos_token_id
+    save_tokenizer(tokenizer, out_dir)
     (out_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
 
     config = _read_json(out_dir / TOKENIZER_CONFIG)
-    if _is_metaspace(out_dir):
-        # Training tokenizes every piece on its own, so each piece starts with "▁", also after
-        # <s> and <|end_of_turn|>. A chat template renders one string; to give the same ids the
-        # tokenizer must put "▁" after special tokens too: Llama-2's shipped `legacy: true`
-        # behaviour (Metaspace prepend_scheme "always"). transformers 5 neither saves `legacy`
-        # nor keeps "always" across a save/load, so both are set here explicitly.
-        config["legacy"] = True
-        _set_prepend_always(out_dir)
     config["chat_template"] = render_chat_template(condition)
     config["eos_token"] = EOT_TOKEN
     _write_json(out_dir / TOKENIZER_CONFIG, config)
@@ -71,33 +61,25 @@ def write_chat_files(out_dir: str | Path, tokenizer: Any, eot_id: int, condition
 
     gen_path = out_dir / GENERATION_CONFIG
     gen = _read_json(gen_path) if gen_path.is_file() else {}
-    gen["eos_token_id"] = int(eot_id)
+    gen["eos_token_id"] = stop_ids(eot_id, base_eos)
     if tokenizer.bos_token_id is not None:
         gen["bos_token_id"] = int(tokenizer.bos_token_id)
     _write_json(gen_path, gen)
     check_chat_template(out_dir, tokenizer, eot_id, condition)
 
 
-def _is_metaspace(out_dir: Path) -> bool:
-    path = out_dir / TOKENIZER_JSON
-    if not path.is_file():
-        return False
-    pre = _read_json(path).get("pre_tokenizer") or {}
-    return pre.get("type") == "Metaspace"
-
-
-def _set_prepend_always(out_dir: Path) -> None:
-    path = out_dir / TOKENIZER_JSON
-    data = _read_json(path)
-    data["pre_tokenizer"]["prepend_scheme"] = "always"
-    _write_json(path, data)
+def stop_ids(eot_id: int, eos_id: int | None) -> list[int]:
+    """Generation ends at `<|end_of_turn|>`, and at the base model's EOS (`</s>`) if it has one."""
+    return [int(eot_id)] + ([int(eos_id)] if eos_id is not None and eos_id != eot_id else [])
 
 
 PROBE_SYSTEM = "You are a helpful assistant."
 PROBE_MESSAGES = (
     {"role": "user", "content": "Hello, how are you?"},
-    {"role": "assistant", "content": "I am fine, thank you."},
-    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "  I am fine,\tthank you. "},
+    {"role": "user", "content": " What is 2 + 2?\n\n"},
+    {"role": "assistant", "content": "\n4 \u00fcber \u65e5\u672c \U0001f600"},
+    {"role": "user", "content": " "},
 )
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -336,38 +335,24 @@ def _find_token_id(tokenizer_dir: Path, token: str) -> int | None:
     return None
 
 
-def _write_tokenizer_with_eot(src: Path, dst: Path, files: list[str], eot_id: int) -> None:
-    """Copy the tokenizer files with <|end_of_turn|> registered as added special token `eot_id`.
+def _write_tokenizer(src: Path, dst: Path, eot_id: int | None, add_eot: bool) -> None:
+    """Save the source tokenizer (its own pipeline; see `data.tokenizer.save_tokenizer`) into `dst`,
+    with <|end_of_turn|> registered as added special token `eot_id` when `add_eot`."""
+    from openchat_jax.data.tokenizer import load_tokenizer, read_tokenizer, save_tokenizer
 
-    The files are edited, not re-saved through transformers: a save/load round trip in
-    transformers 5 changes how Llama-2's legacy tokenizer splits text after special tokens, and
-    the weights folder's tokenizer must tokenize exactly as the source does."""
-    from openchat_jax.data.tokenizer import load_tokenizer
-
-    reference, ref_id = load_tokenizer(src)  # adds the token in memory at the next free id
+    if not add_eot:
+        save_tokenizer(read_tokenizer(src), dst)
+        return
+    tokenizer, ref_id = load_tokenizer(src)  # adds the token at the next free id
     if ref_id != eot_id:
         raise CheckpointError(
             f"{src}: the tokenizer would give {EOT_TOKEN} id {ref_id}, but the embedding's new row is {eot_id} "
-            f"(the tokenizer has {len(reference) - 1} tokens, config.json vocab_size={eot_id})"
+            f"(the tokenizer has {len(tokenizer) - 1} tokens, config.json vocab_size={eot_id})"
         )
-    for f in files:
-        shutil.copy2(src / f, dst / f)
-    entry = {"content": EOT_TOKEN, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-    if (dst / "tokenizer.json").is_file():
-        data = _read_json(dst / "tokenizer.json")
-        data.setdefault("added_tokens", []).append({"id": eot_id, **entry})
-        (dst / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2))
-    else:  # sentencepiece-only folder: the slow-tokenizer way of adding tokens
-        added = _read_json(dst / "added_tokens.json") if (dst / "added_tokens.json").is_file() else {}
-        (dst / "added_tokens.json").write_text(json.dumps({**added, EOT_TOKEN: eot_id}, ensure_ascii=False, indent=2))
-    if (dst / "tokenizer_config.json").is_file():
-        config = _read_json(dst / "tokenizer_config.json")
-        config.setdefault("added_tokens_decoder", {})[str(eot_id)] = entry
-        (dst / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
-
+    save_tokenizer(tokenizer, dst)
     written, got_id = load_tokenizer(dst)
-    probe = f"Hello{EOT_TOKEN}world {EOT_TOKEN} GPT4 User: 2 + 2?"
-    if got_id != eot_id or written(probe).input_ids != reference(probe).input_ids:
+    probe = [f"Hello{EOT_TOKEN}world {EOT_TOKEN} GPT4 User: 2 + 2?"]
+    if got_id != eot_id or written(probe).input_ids != tokenizer(probe).input_ids:
         raise CheckpointError(f"{src}: adding {EOT_TOKEN} to the tokenizer files changed how it tokenizes")
 
 
@@ -395,14 +380,10 @@ def import_hf(hf_dir: str, out_dir: str, *, add_eot: bool = False, overwrite: bo
     out = epath.Path(out_dir)
     if (out / checkpoint_io.PARAMS).exists() and not overwrite:
         raise CheckpointError(f"{out / checkpoint_io.PARAMS} already exists (choose another --out)")
-    if tokenizer_files:
+    if any(f in tokenizer_files for f in ("tokenizer.json", "tokenizer.model")):
         with tempfile.TemporaryDirectory() as tmp:
-            if add_eot:
-                # Before the weights: a tokenizer that disagrees must fail before minutes of conversion.
-                _write_tokenizer_with_eot(src, Path(tmp), tokenizer_files, eot_id)
-            else:
-                for f in tokenizer_files:
-                    shutil.copy2(src / f, Path(tmp) / f)
+            # Before the weights: a tokenizer that disagrees must fail before minutes of conversion.
+            _write_tokenizer(src, Path(tmp), eot_id, add_eot)
             (out / checkpoint_io.TOKENIZER).mkdir(parents=True, exist_ok=True)
             for f in Path(tmp).iterdir():
                 epath.Path(f).copy(out / checkpoint_io.TOKENIZER / f.name, overwrite=True)

@@ -52,6 +52,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint.keep must be > 0, got {keep}")
         self.directory = str(directory)
         self.save_every = save_every
+        self.custom_metadata: dict[str, Any] | None = None  # JSON saved with every checkpoint (the classes)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -76,8 +77,12 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-            force=True,
+            force=True, custom_metadata=self.custom_metadata,
         )
+
+    def custom_metadata_of(self, step: int) -> dict[str, Any]:
+        """What `custom_metadata` held when checkpoint `step` was saved ({} if nothing)."""
+        return dict(self._manager.metadata(step).custom_metadata or {})
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once any process was told of a preemption (multi-host safe)."""

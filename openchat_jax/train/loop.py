@@ -45,6 +45,7 @@ from openchat_jax.train.step import (
 log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
+CLASSES_FILE = "classes.json"
 # Model fields that describe how to run, not the weights: a config may change them on top of init_from.
 RUNTIME_MODEL_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention", "init_std")
 
@@ -352,6 +353,8 @@ def train(
         raise ConfigError("workdir is empty: give --config.workdir=DIR for logs and the final weights")
     primary = jax.process_index() == 0
 
+    if checkpointer is not None and hasattr(checkpointer, "custom_metadata"):
+        checkpointer.custom_metadata = classes_record(run.dataset_info)  # saved with every checkpoint
     restored = checkpointer.restore_latest(run.abstract_state()) if checkpointer is not None else None
     if restored is not None:
         state = restored.state
@@ -431,7 +434,8 @@ def train(
 
 def save_final_weights(run: Run, state: TrainState, out_dir: str) -> None:
     """The params in the weights-folder format (`convert jax-to-hf`, generation), with the special
-    token ids and the tokenizer (with <|end_of_turn|>) so the folder is self-contained."""
+    token ids, the tokenizer (with <|end_of_turn|>) and classes.json (the classes and the inference
+    condition) so the folder is self-contained."""
     from openchat_jax.model.checkpoint_io import save_params
 
     info = run.dataset_info
@@ -452,5 +456,25 @@ def save_final_weights(run: Run, state: TrainState, out_dir: str) -> None:
         out_dir, state["params"], run.model_cfg, special_tokens=special,
         copy_assets_from=config.init_from or None, overwrite=True,
     )
-    if jax.process_index() == 0 and tokenizer is not None and not (Path(out_dir) / "tokenizer").exists():
-        tokenizer.save_pretrained(str(Path(out_dir) / "tokenizer"))
+    if jax.process_index() == 0:
+        if tokenizer is not None and not (Path(out_dir) / "tokenizer").exists():
+            from openchat_jax.data.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, Path(out_dir) / "tokenizer")
+        record = classes_record(info)
+        if record is not None:
+            (Path(out_dir) / CLASSES_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def classes_record(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The classes and the inference condition of a prepared dataset, as the weights record them
+    (`final/classes.json`, each checkpoint's custom metadata); openchat_jax.infer.classes reads it.
+    None when the loader's info does not say (a loader not built from a prepared dataset)."""
+    keys = ("name", "condition", "weight")
+    if not all(k in c for c in info.get("classes", ()) for k in keys):
+        return None
+    classes = [{k: c[k] for k in keys} for c in info["classes"]]
+    record: dict[str, Any] = {"classes": classes}
+    if info.get("inference_condition") is not None:
+        record["inference_condition"] = info["inference_condition"]
+    return record
