@@ -140,8 +140,9 @@ def _unsupported(where: str, what: str) -> CheckpointError:
 def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """LlamaConfig's rope fields from `rope_parameters` (transformers 5) or `rope_theta` +
     `rope_scaling` (4.x); a type we do not compute, or a missing parameter, is named."""
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    # transformers 5 lets rope_scaling override rope_parameters when a config.json has both.
+    params = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind not in ROPE_TYPES:
         raise _unsupported(where, f"{key} of type {kind!r}")

