@@ -111,10 +111,23 @@ class LlamaConfig:
 LLAMA2_7B = LlamaConfig(embed=4096, mlp=11008, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
 LLAMA2_13B = LlamaConfig(embed=5120, mlp=13824, num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128)
 LLAMA2_70B = LlamaConfig(embed=8192, mlp=28672, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128)
+# The bases of openchat-3.5 and openchat-3.6, as their released config.json files (Mistral-7B-v0.1:
+# sliding window 4096; Meta-Llama-3-8B: rope theta 5e5, no rope scaling, which Llama-3.1 adds).
+MISTRAL_7B = LlamaConfig(
+    vocab_size=32000, embed=4096, mlp=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+    max_position_embeddings=32768, sliding_window=4096,
+)
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256, embed=4096, mlp=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+    rope_theta=500000.0, max_position_embeddings=8192,
+)
 # Trains on one CPU in minutes; vocab_size is set from the tokenizer by the configs that use it.
 TINY = LlamaConfig(
     vocab_size=512, embed=128, mlp=344, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
     max_position_embeddings=2048, dtype="float32", remat_policy="none",
 )
 
-PRESETS = {"llama2_7b": LLAMA2_7B, "llama2_13b": LLAMA2_13B, "llama2_70b": LLAMA2_70B, "tiny": TINY}
+PRESETS = {
+    "llama2_7b": LLAMA2_7B, "llama2_13b": LLAMA2_13B, "llama2_70b": LLAMA2_70B, "mistral_7b": MISTRAL_7B,
+    "llama3_8b": LLAMA3_8B, "tiny": TINY,
+}
