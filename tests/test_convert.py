@@ -368,3 +368,18 @@ def test_chat_template_needs_an_eot_row(tmp_path, capsys):
     argv = ["convert", "jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "o"), "--condition-text", "GPT4"]
     assert cli.main(argv) == 2
     assert "--add-eot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,params", [("mistral_7b", 7_241_732_096), ("llama3_8b", 8_030_261_248)])
+def test_presets_have_the_released_sizes_and_survive_the_config_mapping(preset, params):
+    """Parameter counts of the released checkpoints (their safetensors index's total_size / 2 bytes
+    per bf16 weight), and preset -> config.json -> preset through the HF mapping."""
+    from openchat_jax.model.config import PRESETS
+    from openchat_jax.train.config import base_config
+
+    cfg = PRESETS[preset]
+    assert cfg.num_params() == params
+    hf_cfg = hf.hf_config_from_llama(cfg, "bfloat16")
+    assert hf_cfg["architectures"] == (["MistralForCausalLM"] if preset == "mistral_7b" else ["LlamaForCausalLM"])
+    assert hf.llama_config_from_hf(json.loads(json.dumps(hf_cfg)), "config.json") == cfg
+    assert base_config(preset).model.to_dict() == cfg.to_config_dict().to_dict()
