@@ -22,29 +22,72 @@ def _inputs(B=2, L=256, H=4, K=2, D=64, seed=0):
     return q, k, v, jnp.asarray(seg)
 
 
-def _check(name, monkeypatch, env):
+def _check(name, monkeypatch, env, window=0):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     attend = get_backend(name)
     q, k, v, seg = _inputs()
-    ref = xla_attention(q, k, v, seg, seg)
-    out = attend(q, k, v, seg, seg)
+    ref = xla_attention(q, k, v, seg, seg, sliding_window=window)
+    out = attend(q, k, v, seg, seg, sliding_window=window)
     real = seg != 0  # padding rows attend among themselves; their values are never used
     np.testing.assert_allclose(np.asarray(out)[np.asarray(real)], np.asarray(ref)[np.asarray(real)], atol=2e-5)
     # Decode-shaped calls use the reference path.
-    out_dec = attend(q[:, :1], k, v, seg[:, :1], seg, 5)
-    np.testing.assert_allclose(np.asarray(out_dec), np.asarray(xla_attention(q[:, :1], k, v, seg[:, :1], seg, 5)))
+    out_dec = attend(q[:, :1], k, v, seg[:, :1], seg, 5, sliding_window=window)
+    np.testing.assert_allclose(np.asarray(out_dec), np.asarray(xla_attention(q[:, :1], k, v, seg[:, :1], seg, 5,
+                                                                              sliding_window=window)))
 
 
-def test_cudnn_backend_masks_match_reference(monkeypatch):
+def _dense_reference(q, k, v, q_seg, kv_seg, q_offset, window):
+    """Softmax attention in float64 NumPy over an explicit [B, L, S] mask (GQA by repeating heads)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, L, H, D = q.shape
+    S = k.shape[1]
+    k, v = (np.repeat(x, H // x.shape[2], axis=2) for x in (k, v))
+    i, j = np.arange(L)[:, None] + q_offset, np.arange(S)[None, :]
+    mask = (j <= i) & ((j > i - window) if window else True)
+    mask = mask[None] & (np.asarray(q_seg)[:, :, None] == np.asarray(kv_seg)[:, None, :])
+    scores = np.einsum("blhd,bshd->bhls", q, k) / np.sqrt(D)
+    scores = np.where(mask[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhls,bshd->blhd", probs, v)
+
+
+@pytest.mark.parametrize("window", [1, 37, 100])
+def test_sliding_window_matches_a_dense_reference(window):
+    """Key j visible to the query at slot i iff i - window < j <= i and the segments agree: packed
+    rows (segments 100, 80, 60 long, so the window binds inside some and not others), a prefill
+    into a longer cache, and a decode step at slot 200 (keys before slot 201 - window drop out)."""
+    from openchat_jax.model.attention import PREFILL_BLOCK, xla_attention_autodiff
+
+    q, k, v, seg = _inputs(L=384)
+    seg = seg.at[0, :].set(jnp.asarray(np.repeat([1, 2, 3, 0], [100, 80, 60, 144]), jnp.int32))
+    real = np.asarray(seg) != 0
+    for fn in (xla_attention, xla_attention_autodiff):  # 3 causal blocks of 128; one block
+        out = fn(q, k, v, seg, seg, sliding_window=window)
+        ref = _dense_reference(q, k, v, seg, seg, 0, window)
+        np.testing.assert_allclose(np.asarray(out)[real], ref[real], atol=2e-5)
+    L = PREFILL_BLOCK + 20
+    out = xla_attention(q[:, :L], k, v, seg[:, :L], seg, sliding_window=window)
+    np.testing.assert_allclose(np.asarray(out)[real[:, :L]], _dense_reference(q[:, :L], k, v, seg[:, :L], seg, 0, window)[real[:, :L]], atol=2e-5)
+    ones = jnp.ones_like(seg)
+    out = xla_attention(q[:, 200:201], k, v, ones[:, :1], ones, 200, sliding_window=window)
+    np.testing.assert_allclose(np.asarray(out), _dense_reference(q[:, 200:201], k, v, ones[:, :1], ones, 200, window), atol=2e-5)
+    if window < 100:  # the window changes the answer (else the checks above prove nothing about it)
+        assert np.abs(np.asarray(out) - _dense_reference(q[:, 200:201], k, v, ones[:, :1], ones, 200, 0)).max() > 1e-2
+
+
+@pytest.mark.parametrize("window", [0, 37])
+def test_cudnn_backend_masks_match_reference(monkeypatch, window):
     on_gpu = jax.default_backend() == "gpu"
-    _check("cudnn", monkeypatch, {} if on_gpu else {"OPENCHAT_CUDNN_IMPLEMENTATION": "xla"})
+    _check("cudnn", monkeypatch, {} if on_gpu else {"OPENCHAT_CUDNN_IMPLEMENTATION": "xla"}, window)
 
 
-def test_splash_backend_matches_reference(monkeypatch):
+@pytest.mark.parametrize("window", [0, 37])
+def test_splash_backend_matches_reference(monkeypatch, window):
     on_tpu = jax.default_backend() == "tpu"
     try:
-        _check("splash", monkeypatch, {} if on_tpu else {"OPENCHAT_SPLASH_INTERPRET": "1"})
+        _check("splash", monkeypatch, {} if on_tpu else {"OPENCHAT_SPLASH_INTERPRET": "1"}, window)
     except NotImplementedError as e:  # pragma: no cover - interpreter gaps on some JAX versions
         pytest.skip(f"Pallas TPU interpreter unavailable on this JAX: {e}")
 
@@ -158,3 +201,21 @@ def test_training_blocks_allow_a_shorter_last_block():
     for name, a, b in zip("qkv", ours, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * np.abs(np.asarray(b)).max(), rtol=0,
                                    err_msg=name)
+
+
+def test_xla_backward_with_a_sliding_window_equals_autodiff():
+    """The hand-written backward applies the window too (3 causal blocks of 128, window 50)."""
+    from openchat_jax.model.attention import xla_attention_autodiff
+
+    q, k, v, seg = _inputs(L=384)
+    cot = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+
+    def objective(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, seg, seg, sliding_window=50) * cot)
+
+    ours = jax.jit(jax.grad(objective(xla_attention), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(objective(xla_attention_autodiff), argnums=(0, 1, 2)))(q, k, v)
+    unwindowed = jax.grad(lambda q: jnp.sum(xla_attention(q, k, v, seg, seg) * cot))(q)
+    assert np.abs(np.asarray(unwindowed) - np.asarray(ref[0])).max() > 1e-2
+    for name, a, b in zip("qkv", ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * np.abs(np.asarray(b)).max(), rtol=0, err_msg=name)
