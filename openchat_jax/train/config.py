@@ -105,12 +105,19 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     return config
 
 
+# The section of WORKDIR/config.json that holds what the run resolved (row length, steps, peak lr):
+# recorded by `train`, not part of the config.
+RESOLVED_SECTION = "resolved"
+
+
 def run_config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A run config saved as plain values (WORKDIR/config.json) rebuilt on `base_config`: each
     section's fields replace the defaults (a field the defaults lack is kept as saved), so typed
     fields and the `train.conditioned` reference behave as in a config file."""
     config = base_config()
     for name, value in values.items():
+        if name == RESOLVED_SECTION:
+            continue
         section = config.get(name)
         if isinstance(section, ml_collections.ConfigDict) and isinstance(value, Mapping):
             if name == "train" and "conditioned" in value:
