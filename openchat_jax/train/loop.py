@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from openchat_jax.errors import CheckpointError, ConfigError, DataError, OpenChatError
@@ -406,10 +407,15 @@ def train(
     start = int(restored.step) if restored is not None else 0
     record = run_info.run_record(run)
     if restored is not None:
-        for line in run_info.check_resume(config.workdir, record, start,
-                                          allow_changed=bool(config.train.get("allow_changed_resume", False))):
+        try:
+            changes = run_info.check_resume(config.workdir, record, start,
+                                            allow_changed=bool(config.train.get("allow_changed_resume", False)))
+        except ConfigError:
+            checkpointer.close()
+            raise
+        for line in changes:
             log.warning(line)
-        final_path = workdir / FINAL_DIR
+        final_path = epath.Path(config.workdir) / FINAL_DIR
         if start >= run.total_steps and (final_path / MODEL_CONFIG).exists():
             checkpointer.close()
             tell(f"already finished at step {start}; final/ is at {final_path} (left as it is)")
