@@ -126,6 +126,13 @@ def test_cli_train_end_to_end(tiny_tokenizer_dir, conversations, prepared, tmp_p
         assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["step_seconds"])
         assert r["slots_per_second"] == pytest.approx(8 * SEQ / r["step_seconds"])
 
+    # The same run again, from its config.json: it says it is finished and leaves final/ alone.
+    before = {p: p.stat().st_mtime_ns for p in (run / "final").rglob("*")}
+    assert cli_main(["train", "--config", str(run / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"already finished at step 6; final/ is at {run / 'final'} (left as it is)"
+    assert {p: p.stat().st_mtime_ns for p in (run / "final").rglob("*")} == before
+
 
 def test_cli_bad_override_is_one_line_error(tmp_path, capsys):
     config_file = tmp_path / "cfg.py"

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "override any field with --config.key=value.",
     )
     parser.__class__ = ConfigOverridesParser
-    parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/tiny_sharegpt.py)")
+    parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/tiny_sharegpt.py), "
+                        "or the config.json a run wrote into its workdir")
     parser.add_argument("--coordinator-address", default=None,
                         help="HOST:PORT of process 0, for multi-process runs off a TPU/Slurm cluster "
                              "(there they are found by themselves); give all three or none")
