@@ -66,6 +66,13 @@ def test_tiny_demo_end_to_end(tmp_path):
     png = report.plot(results, tmp_path / "demo.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert any("prepared conditioned" in line for line in logs)
+    # Each variant's train call logs its startup and closing summaries with every output path.
+    for variant in ("crlft", "no_conditions"):
+        workdir = tmp_path / "seed0" / variant
+        for name in ("metrics.jsonl", "config.json", "final"):
+            assert sum(line.endswith(f": {workdir / name}") for line in logs) == 2, (variant, name)
+    assert sum("M parameters" in line for line in logs) == 2
+    assert sum(line.strip().startswith("finished: step 6 of 6") for line in logs) == 2
 
 
 @pytest.mark.slow

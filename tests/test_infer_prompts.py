@@ -128,6 +128,7 @@ def test_multi_turn_feeds_answers_back_and_long_prompts(model, tmp_path):
     records = read_prompts(path)
     with pytest.raises(DataError, match=r"p.jsonl:2 \(turn 1\): the prompt has \d+ tokens and the context is 128"):
         run_prompts(model, records, gpt4, tmp_path / "out.jsonl", max_new_tokens=N, progress=False)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "c.json", tmp_path / "p.jsonl"]  # no empty or partial output
 
     summary = run_prompts(model, records, gpt4, tmp_path / "out.jsonl", max_new_tokens=N, truncate=True,
                           progress=False)
@@ -180,10 +181,11 @@ def test_generate_command_end_to_end(ckpt, model, tmp_path, capsys):
     ])
     out = tmp_path / "answers.jsonl"
     rc = cli_main(["generate", "--ckpt", str(ckpt), "--prompts", str(prompts), "--out", str(out),
-                   "--max-new-tokens", str(N), "--condition", "gpt3", "--no-progress"])
+                   "--max-new-tokens", str(N), "--condition", "gpt3", "--no-progress", "--model-id", "tiny-13b"])
     assert rc == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x.get("id", x.get("question_id")) for x in lines] == ["p1", 2, "p3"]
+    assert {x["model_id"] for x in lines} == {"tiny-13b"}
     assert all(x["condition"] == "gpt3" and len(x["answers"]) == 1 and x["new_tokens"][0] <= N for x in lines)
     assert "wrote 3 lines" in capsys.readouterr().out
     # the command used the GPT3 prefix: same answer as generating from build_prompt directly
@@ -196,3 +198,25 @@ def test_generate_command_end_to_end(ckpt, model, tmp_path, capsys):
     bad = write_lines(tmp_path / "bad.jsonl", [{"id": 1, "messages": [{"role": "user", "content": "ok"}]}, "{oops"])
     rc = cli_main(["generate", "--ckpt", str(ckpt), "--prompts", str(bad), "--out", str(tmp_path / "x.jsonl")])
     assert rc == 2 and "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_model_id_defaults_to_the_runs_name():
+    from openchat_jax.infer.prompts import default_model_id
+
+    assert default_model_id("runs/13b-crlft/final") == "13b-crlft"
+    assert default_model_id("runs/13b-crlft/final/") == "13b-crlft"
+    assert default_model_id("gs://bucket/runs/13b/final") == "13b"
+    assert default_model_id("weights/llama2-13b-jax") == "llama2-13b-jax"
+
+
+def test_malformed_json_column_is_the_offending_character(tmp_path):
+    good = {"id": 0, "messages": [{"role": "user", "content": "Hello"}]}
+    bad = '  {"id": 1, "messages": [{"role": "user", "content": "héllo wörld"} }'
+    path = write_lines(tmp_path / "bad.jsonl", [good, bad])
+    with pytest.raises(DataError) as e:
+        read_prompts(path)
+    column = bad.rindex("}") + 1  # 1-based, in characters: the "}" where "," or "]" belongs
+    assert f"bad.jsonl:2: malformed JSON: Expecting ',' delimiter (column {column})" in str(e.value)
+    # A byte-order mark opening the file (Windows editors write one) is not a malformed line.
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")
+    assert read_prompts(tmp_path / "bom.jsonl")[0].id == 0

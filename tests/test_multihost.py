@@ -57,10 +57,6 @@ def _finish(procs: list[subprocess.Popen]) -> list[str]:
     return outs
 
 
-def _two_processes(config_file: Path, steps: int) -> list[str]:
-    return _finish(_start_two_processes(config_file, steps))
-
-
 def test_two_processes_match_one_process_through_save_and_restore(tiny_tokenizer_dir, dataset, tmp_path):  # noqa: F811
     one_dir = tmp_path / "one"
     # The one-process reference runs alongside the first two-process run (compiles are single-threaded).
@@ -74,8 +70,11 @@ def test_two_processes_match_one_process_through_save_and_restore(tiny_tokenizer
     one = {r["step"]: r["loss"] for r in read_metrics(one_dir)}
     assert sorted(one) == [1, 2, 3, 4, 5]
     assert (two_dir / "checkpoints" / "3").is_dir()
-    outs = _two_processes(config_file, steps=5)  # restores it in both processes
+    # Restores it in both processes. With a constant lr, 3 then 5 steps follow the 5-step run; the
+    # changed step count is a changed trajectory setting, so it is allowed explicitly.
+    outs = _finish(_start_two_processes(config_file, steps=5, extra=("--config.train.allow_changed_resume=True",)))
     assert all("resumed from step 3" in out for out in outs), outs
+    assert all("changed settings (train.allow_changed_resume): resolved.total_steps: 3 -> 5" in out for out in outs)
     rows = read_metrics(two_dir)  # only process 0 writes
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert not (two_dir / "metrics.jsonl.1").exists()

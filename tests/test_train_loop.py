@@ -72,7 +72,7 @@ def prepared(tiny_tokenizer_dir, conversations, tmp_path_factory):  # noqa: F811
     return out
 
 
-def test_cli_train_end_to_end(tiny_tokenizer_dir, conversations, prepared, tmp_path):  # noqa: F811
+def test_cli_train_end_to_end(tiny_tokenizer_dir, conversations, prepared, tmp_path, capsys):  # noqa: F811
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
         "from tests.test_train_loop import small_config\n"
@@ -99,6 +99,39 @@ def test_cli_train_end_to_end(tiny_tokenizer_dir, conversations, prepared, tmp_p
     special = json.loads((tmp_path / "run" / "final" / "special_tokens.json").read_text())
     assert special["eot_token_id"] == load_tokenizer(tiny_tokenizer_dir)[1]
     assert (tmp_path / "run" / "final" / "tokenizer" / "tokenizer.json").exists()
+
+    # The startup and closing summaries name every output path; config.json loads back as the config.
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    startup, closing = out.split("finished: step 6 of 6")
+    for path in (run / "metrics.jsonl", run / "tb", run / "checkpoints", run / "final", run / "config.json"):
+        assert str(path) in startup and str(path) in closing, path
+    assert f"{cfg.num_params() / 1e6:,.2f}M parameters" in startup
+    assert "6 steps = " in startup and "epochs of" in startup and f"8 rows x {SEQ} = {8 * SEQ:,} token slots" in startup
+    assert "lr: peak 0.003 (train.lr)" in startup and "mesh: data=1 fsdp=8 tensor=1 over 8 cpu device(s)" in startup
+    from openchat_jax.config import load_config_file
+
+    saved = load_config_file(run / "config.json")
+    expected = small_config(tiny_tokenizer_dir, [conversations], prepared[True], run)
+    expected.train.num_steps = 6
+    assert saved.to_dict() == expected.to_dict()
+    saved.data.conditioned = False  # still one field with train.conditioned, as in a config file
+    assert saved.train.conditioned is False
+    # metrics rows: epoch, wall time, real-token throughput next to padded slots
+    per_epoch = make_loader(prepared[True], global_batch_size=8, seq_len=SEQ, seed=0).batches_per_epoch
+    assert [r["epoch"] for r in rows] == pytest.approx([s / per_epoch for s in range(1, 7)])
+    assert all(r["wall_time"] > 1.7e9 and r["elapsed_seconds"] >= 0 for r in rows)
+    for r in rows[1:]:
+        assert r["tokens"] < 8 * SEQ  # packed rows hold some padding
+        assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["step_seconds"])
+        assert r["slots_per_second"] == pytest.approx(8 * SEQ / r["step_seconds"])
+
+    # The same run again, from its config.json: it says it is finished and leaves final/ alone.
+    before = {p: p.stat().st_mtime_ns for p in (run / "final").rglob("*")}
+    assert cli_main(["train", "--config", str(run / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"already finished at step 6; final/ is at {run / 'final'} (left as it is)"
+    assert {p: p.stat().st_mtime_ns for p in (run / "final").rglob("*")} == before
 
 
 def test_cli_bad_override_is_one_line_error(tmp_path, capsys):
@@ -141,6 +174,31 @@ def test_train_refuses_dataset_prepared_the_other_way(tiny_tokenizer_dir, conver
     config = small_config(tiny_tokenizer_dir, [conversations], prepared[True], tmp_path / "run")
     config.train.conditioned = False
     with pytest.raises(ConfigError, match="prepared with data.conditioned=True"):
+        build_run(config)
+
+
+def test_rows_follow_the_prepared_max_length_unless_overridden(tiny_tokenizer_dir, conversations, prepared, tmp_path):  # noqa: F811
+    config = small_config(tiny_tokenizer_dir, [conversations], prepared[True], tmp_path / "run")
+    config.data.max_length = 4096  # the default a config file leaves in place: prepare's setting, not train's
+    run = build_run(config)
+    assert run.seq_len == SEQ and run.loader.seq_len == SEQ and run.seq_len_source == "the dataset's max_length"
+    assert run.tokens_per_step == 8 * SEQ
+
+    config.train.seq_len = 2 * SEQ  # an explicit override, reported with the prepared length
+    run = build_run(config)
+    assert run.seq_len == 2 * SEQ and run.loader.seq_len == 2 * SEQ
+    assert run.seq_len_source == f"train.seq_len; the dataset was prepared with max_length={SEQ}"
+
+
+def test_rows_longer_than_the_models_positions_are_an_error_before_compiling(
+        tiny_tokenizer_dir, conversations, prepared, tmp_path, monkeypatch):  # noqa: F811
+    import openchat_jax.train.loop as loop
+
+    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: pytest.fail("compiled a step"))
+    config = small_config(tiny_tokenizer_dir, [conversations], prepared[True], tmp_path / "run")
+    config.model.max_position_embeddings = SEQ - 1
+    with pytest.raises(ConfigError, match=f"rows of {SEQ} tokens .* longer than the model's "
+                                          f"max_position_embeddings={SEQ - 1}.*train.seq_len <= {SEQ - 1}"):
         build_run(config)
 
 
@@ -291,3 +349,61 @@ def test_progress_bar_refreshes_rarely_when_stderr_is_a_log(capsys):
     refreshes = err.count("\r") + err.count("\n")
     # pytest's captured stderr is not a terminal: the start, maybe one timed refresh, the close.
     assert "300/300" in err and refreshes <= 4, err
+
+
+@dataclasses.dataclass
+class RestoredAt:
+    step: int
+    state: object
+    data_state: dict
+
+
+def test_resume_refuses_changed_trajectory_settings_unless_allowed(fake_run, tmp_path, caplog):
+    batches = fake_batches(6, seed=2)
+    config = fake_run.config.copy_and_resolve_references()
+    config.workdir = str(tmp_path / "run")
+    run = dataclasses.replace(with_batches(fake_run, batches), config=config)
+    ckpt = FakeCheckpointer(every=2)
+    train(config, run=run, checkpointer=ckpt, stop=StopAfter(run.loader, 3))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 1e-3
+    step, state, data_state = ckpt.saved[-1]
+
+    def resume(**train_changes):
+        changed = config.copy_and_resolve_references()
+        changed.train.update(train_changes)
+        resumed = dataclasses.replace(with_batches(fake_run, batches), config=changed)
+        return train(changed, run=resumed, checkpointer=FakeCheckpointer(100, RestoredAt(step, state, data_state)),
+                     save_final=False)
+
+    with pytest.raises(ConfigError, match=r"at step 3 .*train\.lr: 0\.001 -> 0\.003.*allow_changed_resume=True"):
+        resume(lr=3e-3)
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size: 8 -> 16"):
+        resume(global_batch_size=16)
+    # Settings that leave the trajectory alone may change.
+    assert resume(log_every=2, progress=False).steps_done == 6
+    with caplog.at_level("WARNING", logger="openchat_jax.train.loop"):
+        result = resume(lr=3e-3, allow_changed_resume=True)
+    assert result.steps_done == 6
+    assert any("changed settings" in r.message and "train.lr: 0.001 -> 0.003" in r.message for r in caplog.records)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 3e-3  # the new baseline
+
+
+def test_a_finished_run_says_so_and_leaves_final_alone(fake_run, tmp_path):
+    config = fake_run.config.copy_and_resolve_references()
+    config.workdir = str(tmp_path / "run")
+    ckpt = FakeCheckpointer(every=100)
+    lines: list[str] = []
+    first = train(config, run=dataclasses.replace(with_batches(fake_run, fake_batches(6)), config=config),
+                  checkpointer=ckpt, say=lines.append)
+    final = tmp_path / "run" / "final"
+    assert first.final_dir == str(final) and not first.already_finished and first.start_step == 0
+    assert any(line.startswith("finished: step 6 of 6 (6 steps") for line in lines)
+    before = {p: p.stat().st_mtime_ns for p in final.rglob("*")}
+
+    step, state, data_state = ckpt.saved[-1]
+    lines.clear()
+    again = train(config, run=dataclasses.replace(with_batches(fake_run, fake_batches(6)), config=config),
+                  checkpointer=FakeCheckpointer(100, RestoredAt(step, state, data_state)), say=lines.append)
+    assert again.already_finished and again.steps_done == 6 and again.final_dir == str(final)
+    assert lines == [f"already finished at step 6; final/ is at {final} (left as it is)"]
+    assert {p: p.stat().st_mtime_ns for p in final.rglob("*")} == before

@@ -10,7 +10,7 @@ import sys
 
 from openchat_jax import __version__
 from openchat_jax.config import split_config_args
-from openchat_jax.errors import OpenChatError
+from openchat_jax.errors import ConfigError, OpenChatError
 
 DESCRIPTION = (
     "C-RLFT fine-tuning of Llama-2 in JAX: prepare mixed-quality conversations, train on a device "
@@ -31,14 +31,37 @@ COMMANDS = {
 
 
 class ConfigOverridesParser(argparse.ArgumentParser):
-    """A command parser that takes the open-ended `--config.key=value` items out before argparse
-    sees them and puts them in `args.overrides` (set `parser.__class__` to this)."""
+    """A command parser that takes the open-ended `--config.key=value` (or `--config.key value`)
+    items out before argparse sees them and puts them in `args.overrides` (set `parser.__class__`
+    to this)."""
 
     def parse_known_args(self, args=None, namespace=None):
-        rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
+        try:
+            rest, overrides = split_config_args(list(sys.argv[1:] if args is None else args))
+        except ConfigError as e:
+            self.error(str(e))
         namespace, extras = super().parse_known_args(rest, namespace)
         namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
         return namespace, extras
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with "(default: X)", unless its help already names the default or
+    the default is empty (None; False for a flag that is off)."""
+    for action in parser._actions:
+        default = action.default
+        if (not action.option_strings or any(default is x for x in (None, False, argparse.SUPPRESS)) or isinstance(default, list)
+                or "default" in (action.help or "").lower()):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+
+
+def _every_parser(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _every_parser(sub)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -48,6 +71,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         if only is None or name == only:
             importlib.import_module(f"openchat_jax.cli.{module}").register(sub)
+    for each in _every_parser(parser):
+        show_defaults(each)
     return parser
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 
 from openchat_jax.config import load_config
+from openchat_jax.errors import ConfigError
 from openchat_jax.cli import ConfigOverridesParser
 
 
@@ -38,6 +39,12 @@ def run_train_step(args: argparse.Namespace) -> int:
     from openchat_jax.train.bench import bench_train_step
 
     config = load_config(args.config, args.overrides)
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ConfigError('the PyTorch comparison needs torch, which comes with the test extra: '
+                              'pip install -e ".[test]" (or pass --no-torch)') from None
     result = bench_train_step(
         config, rounds=args.rounds, steps_per_round=args.steps_per_round, settle_steps=args.settle_steps,
         torch_compare=not args.no_torch,

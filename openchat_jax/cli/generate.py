@@ -66,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(parser)
     parser.add_argument("--prompts", required=True, help='JSONL: {"id", "messages"} or {"question_id", "turns"}')
     parser.add_argument("--out", required=True, help="JSONL file to write, one line per prompt")
+    parser.add_argument("--model-id", help='"model_id" of every output line (default: the run\'s name: RUN for '
+                        "RUN/final, else the --ckpt folder's name)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--truncate", action="store_true",
                         help="drop the oldest prompt tokens (after <s>) that do not fit the context, instead of failing")
@@ -75,9 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import jax
-    from pathlib import Path
 
-    from openchat_jax.infer.prompts import read_prompts, run_prompts
+    from openchat_jax.infer.prompts import default_model_id, read_prompts, run_prompts
 
     records = read_prompts(args.prompts)  # malformed input fails before the model loads
     model, conv_class, sampling = load(args)
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_prompts(
         model, records, conv_class, args.out, max_new_tokens=args.max_new_tokens, sampling=sampling,
         key=jax.random.key(args.seed), context=args.context, truncate=args.truncate, batch_size=args.batch_size,
-        model_id=Path(args.ckpt.rstrip("/")).name, progress=not args.no_progress,
+        model_id=args.model_id or default_model_id(args.ckpt), progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start
     print(

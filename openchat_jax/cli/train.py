@@ -1,7 +1,8 @@
 """`openchat-jax train --config CFG [--config.key=value ...]`: train on a prepared dataset; logs
-(metrics.jsonl, tb/), checkpoints (checkpoints/, config.checkpoint) and the final weights (final/) go
-to config.workdir. A run resumes by itself from the newest checkpoint that restores; SIGTERM saves a
-checkpoint and exits 0.
+(metrics.jsonl, tb/), checkpoints (checkpoints/, config.checkpoint), the final weights (final/) and
+the run's config (config.json) go to config.workdir, as the startup summary lists. A run resumes by
+itself from the newest checkpoint that restores, under the settings it started with; SIGTERM saves
+a checkpoint and exits 0.
 
 Multi-process runs: `--coordinator-address HOST:PORT --num-processes N --process-id I` (or nothing
 on TPU pod slices / SLURM, where JAX finds the cluster itself)."""
@@ -22,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "override any field with --config.key=value.",
     )
     parser.__class__ = ConfigOverridesParser
-    parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/tiny_sharegpt.py)")
+    parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/tiny_sharegpt.py), "
+                        "or the config.json a run wrote into its workdir")
     parser.add_argument("--coordinator-address", default=None,
                         help="HOST:PORT of process 0, for multi-process runs off a TPU/Slurm cluster "
                              "(there they are found by themselves); give all three or none")
@@ -48,12 +50,15 @@ def run(args: argparse.Namespace) -> int:
     # every process stops at the same step (a local flag would leave the others in a collective).
     stop = None if multi else StopSignal()
     try:
-        result = train(config, checkpointer=make_checkpointer(config), stop=stop)
+        result = train(config, checkpointer=make_checkpointer(config), stop=stop, say=print)
     finally:
         if stop is not None:
             stop.close()
-    if result.final_dir:
-        print(f"trained {result.steps_done} steps; final weights in {result.final_dir}")
+    if result.already_finished:
+        pass  # train said so
+    elif result.final_dir:
+        print(f"trained {result.steps_done - result.start_step} steps (step {result.start_step} -> "
+              f"{result.steps_done}); final weights in {result.final_dir}")
     else:
         print(f"stopped at step {result.steps_done}")
     return 0

@@ -178,7 +178,7 @@ def run_variant(
     t1 = time.perf_counter()
     # One device: the model is tiny, sharding it would only add communication.
     run = build_run(cfg, devices=jax.local_devices()[:1])
-    result = train(cfg, run=run)
+    result = train(cfg, run=run, say=lambda line: log(f"    {line}"))
     t2 = time.perf_counter()
     accuracy = _evaluate(result.final_dir, str(dataset_dir), data, workdir, cfg)
     t3 = time.perf_counter()

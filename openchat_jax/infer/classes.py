@@ -91,7 +91,7 @@ def choose_class(classes: Sequence[ConvClass], name: str | None = None,
     for c in classes:
         if c.name == name:
             return c
-    raise ConfigError(f"no class named {name!r}; known classes: {[c.name for c in classes]}")
+    raise ConfigError(f"no class named {name!r} (--condition); known classes: {[c.name for c in classes]}")
 
 
 def resolve_condition(

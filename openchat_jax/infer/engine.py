@@ -117,7 +117,8 @@ def prompt_ids(
         )
     keep = context - max_new_tokens - 1  # tokens kept after <s>
     if keep < 1:
-        raise DataError(f"{where}: max_new_tokens={max_new_tokens} leaves no room for a prompt in context {context}")
+        raise DataError(f"{where}: max_new_tokens={max_new_tokens} leaves no room for a prompt in context {context} "
+                        "(lower --max-new-tokens or raise --context)")
     return ids[:1] + ids[len(ids) - keep:], len(ids) - 1 - keep
 
 

@@ -11,10 +11,12 @@ record is a DataError naming file:line and the field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, TextIO
 
 from openchat_jax.errors import DataError
 
@@ -112,6 +114,8 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise _fail(where, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark (Windows editors) is not part of the JSON
             if not line.strip():
                 continue
             try:
@@ -127,6 +131,28 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
     if not records:
         raise DataError(f"{path}: no prompts")
     return records
+
+
+@contextlib.contextmanager
+def replaced_when_done(path: Path) -> Iterator[TextIO]:
+    """A text file written as `.NAME.partial` next to `path` and renamed to `path` when the block
+    ends without an error; on an error it is removed (no empty or half file named `path`)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def default_model_id(ckpt_dir: str | Path) -> str:
+    """The name answers are filed under: the weights folder's name, or for a training run's
+    `RUN/final` the run's name (every run's weights folder is called "final")."""
+    path = Path(str(ckpt_dir).rstrip("/"))
+    if path.name == "final" and path.parent.name:
+        return path.parent.name
+    return path.name or str(ckpt_dir)
 
 
 def run_prompts(
@@ -146,8 +172,10 @@ def run_prompts(
 ) -> dict[str, Any]:
     """Answer every record (each turn of a multi-turn record after the previous answer is put back
     into the history) and write one JSON line per record to `out_path`, in input order. Records
-    are processed `batch_size` at a time, all turns of a chunk before the next chunk, so lines
-    appear as chunks finish. Returns a summary (counts of answers, new tokens, stops)."""
+    are processed `batch_size` at a time, all turns of a chunk before the next chunk; lines go to
+    a temporary file next to `out_path` as chunks finish, renamed to `out_path` once all are
+    written (a run that fails leaves no file). Returns a summary (counts of answers, new tokens,
+    stops)."""
     import jax
     from tqdm import tqdm
 
@@ -161,7 +189,7 @@ def run_prompts(
     summary = {"records": 0, "answers": 0, "new_tokens": 0, "stopped": 0, "truncated_prompts": 0}
     bar = tqdm(total=sum(len(r.turns) for r in records), unit="answer", disable=not progress)
     call = 0
-    with open(out_path, "w", encoding="utf-8") as out:
+    with replaced_when_done(out_path) as out:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             histories = [list(r.history) for r in chunk]

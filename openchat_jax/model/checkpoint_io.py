@@ -155,7 +155,7 @@ def save_param_leaves(
     each written and released before the next is asked for."""
     root = epath.Path(ckpt_dir)
     if (root / PARAMS).exists() and not overwrite:
-        raise CheckpointError(f"{root / PARAMS} already exists (pass overwrite=True / choose another --out)")
+        raise CheckpointError(f"{root / PARAMS} already exists: choose another --out, or pass --overwrite to replace it")
     primary = jax.process_index() == 0
     if primary:
         if (root / MODEL_CONFIG).exists():

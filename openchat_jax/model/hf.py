@@ -439,7 +439,7 @@ def import_hf(hf_dir: str, out_dir: str, *, add_eot: bool = False, overwrite: bo
             )
     out = epath.Path(out_dir)
     if (out / checkpoint_io.PARAMS).exists() and not overwrite:
-        raise CheckpointError(f"{out / checkpoint_io.PARAMS} already exists (choose another --out)")
+        raise CheckpointError(f"{out / checkpoint_io.PARAMS} already exists: choose another --out, or pass --overwrite to replace it")
     if any(f in tokenizer_files for f in ("tokenizer.json", "tokenizer.model")):
         with tempfile.TemporaryDirectory() as tmp:
             # Before the weights: a tokenizer that disagrees must fail before minutes of conversion.
@@ -501,7 +501,7 @@ def export_hf(
     meta = checkpoint_io.stored_metadata(ckpt_dir, cfg)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out}: folder exists and is not empty (choose another --out)")
+        raise CheckpointError(f"{out}: folder exists and is not empty: choose another --out, or pass --overwrite to write into it")
     cast = None
     if dtype is not None:
         try:

@@ -13,6 +13,8 @@ The two ablation switches of the paper (Table 2):
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import ml_collections
 
 from openchat_jax.data.config import data_defaults
@@ -22,8 +24,11 @@ from openchat_jax.model.config import PRESETS
 
 def train_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        # Rows of data.max_length tokens per optimizer step, over all processes and micro-batches.
+        # Rows per optimizer step, over all processes and micro-batches.
         "global_batch_size": 8,
+        # Tokens per packed row. 0 = the prepared dataset's max_length (dataset_info.json); another
+        # value is an explicit override, named in the startup summary.
+        "seq_len": 0,
         # Gradient accumulation: the step's batch is split into this many micro-batches.
         "micro_batches": 1,
         "epochs": 5,
@@ -51,7 +56,7 @@ def train_defaults() -> ml_collections.ConfigDict:
         # (no [B, L, V] logits kept for the backward); False = plain autodiff of logits -> loss.
         "fused_head_loss": True,
         # > 0: the fused head loss walks each row in chunks of at most this many positions (the
-        # largest divisor of data.max_length not above it), bounding its [B, chunk, V] temporaries;
+        # largest divisor of the row length not above it), bounding its [B, chunk, V] temporaries;
         # 0 = whole rows. (128 measured fastest on a 2-core CPU at L=512: docs/benchmarks.md.)
         "loss_chunk_length": 512,
         # The fused head loss (with chunks) computes no logits for tokens of weight 0 (prompts,
@@ -66,6 +71,10 @@ def train_defaults() -> ml_collections.ConfigDict:
         # Stop the run after this many non-finite (skipped) steps in a row; 0 = never.
         "max_nonfinite_in_a_row": 10,
         "tensorboard": True,
+        # A run resumed from a checkpoint under settings that change its trajectory (lr, schedule,
+        # steps, batch, seed, data; compared with WORKDIR/config.json) is refused unless True, which
+        # logs what changed.
+        "allow_changed_resume": False,
     })
 
 
@@ -98,4 +107,28 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     config.train.conditioned = config.data.get_ref("conditioned")
     config.mesh = mesh_defaults()
     config.checkpoint = checkpoint_defaults()
+    return config
+
+
+# The section of WORKDIR/config.json that holds what the run resolved (row length, steps, peak lr):
+# recorded by `train`, not part of the config.
+RESOLVED_SECTION = "resolved"
+
+
+def run_config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A run config saved as plain values (WORKDIR/config.json) rebuilt on `base_config`: each
+    section's fields replace the defaults (a field the defaults lack is kept as saved), so typed
+    fields and the `train.conditioned` reference behave as in a config file."""
+    config = base_config()
+    for name, value in values.items():
+        if name == RESOLVED_SECTION:
+            continue
+        section = config.get(name)
+        if isinstance(section, ml_collections.ConfigDict) and isinstance(value, Mapping):
+            if name == "train" and "conditioned" in value:
+                value = {k: v for k, v in value.items() if k != "conditioned"}  # set through data.conditioned
+            for field, field_value in value.items():
+                section[field] = field_value
+        else:
+            config[name] = value
     return config

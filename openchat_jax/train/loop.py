@@ -24,17 +24,20 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from openchat_jax.errors import CheckpointError, ConfigError, DataError, OpenChatError
+from openchat_jax.model.checkpoint_io import MODEL_CONFIG
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import flops as flops_lib
 from openchat_jax.train import mesh as mesh_lib
+from openchat_jax.train import run_info
 from openchat_jax.train.loss import BATCH_KEYS
 from openchat_jax.train.metrics import MetricsWriter, ProgressBar, named_scalars
 from openchat_jax.train.optimizer import make_optimizer
@@ -160,6 +163,8 @@ class Run:
     step_fn: StepFn
     flops_per_token: float
     peak_flops: float | None  # all devices together; None = unknown (no MFU)
+    seq_len_source: str = "data.max_length"  # where seq_len came from, for the startup summary
+    batches_per_epoch: int = 0  # 0 = unknown (no epoch in the metrics)
 
     @property
     def tokens_per_step(self) -> int:
@@ -176,6 +181,8 @@ class TrainResult:
     stopped: bool  # True when stopped by a signal before total_steps
     history: list[dict[str, float]]  # the logged scalars, one dict per logged step
     final_dir: str | None
+    start_step: int = 0  # the step this call started from (restored checkpoint, or 0)
+    already_finished: bool = False  # the run had reached its last step and written final/ before this call
 
 
 def _check_batch_config(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[int, int]:
@@ -242,26 +249,36 @@ def build_run(
     get_state/set_state); default: make_loader over `data.dataset_dir`."""
     mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
     B, M = _check_batch_config(config, mesh)
-    seq_len = int(config.data.max_length)
     if config.train.epochs < 1 and config.train.num_steps <= 0:
         raise ConfigError("train.epochs must be >= 1 (or set train.num_steps > 0)")
     if loader is None:
         if not config.data.dataset_dir:
             raise ConfigError("data.dataset_dir is empty: run `openchat-jax prepare` and point it at the output")
-        from openchat_jax.data.loader import make_loader
         from openchat_jax.data.prepare import load_dataset_info
 
         info = load_dataset_info(config.data.dataset_dir)
-        _check_dataset_matches(config, info)
+    else:
+        info = dict(loader.info)
+    _check_dataset_matches(config, info)
+    seq_len, seq_len_source = row_length(config, info)
+    if loader is None:
+        from openchat_jax.data.loader import make_loader
+
         # Endless: the loop stops at total_steps; batch k is batch k % batches_per_epoch of epoch
         # k // batches_per_epoch either way.
         loader = make_loader(config.data.dataset_dir, global_batch_size=B, seq_len=seq_len, seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=None)
-    info = dict(loader.info)
-    _check_dataset_matches(config, info)
+        info = dict(loader.info)
     total_steps = config.train.num_steps if config.train.num_steps > 0 else config.train.epochs * loader.batches_per_epoch
     class_names = [c["name"] for c in info["classes"]]
     model_cfg = resolve_model_config(config, info)
+    if seq_len > model_cfg.max_position_embeddings:
+        where = f"init_from {config.init_from}" if config.init_from else "model.max_position_embeddings"
+        raise ConfigError(
+            f"rows of {seq_len} tokens ({seq_len_source}) are longer than the model's max_position_embeddings="
+            f"{model_cfg.max_position_embeddings} ({where}); set train.seq_len <= {model_cfg.max_position_embeddings} "
+            f"or prepare the data with data.max_length <= {model_cfg.max_position_embeddings}"
+        )
     tx, schedule, peak_lr = make_optimizer(config.train, total_steps, B * seq_len)
     step_fn = make_train_step(
         model_cfg, tx, schedule, mesh, num_classes=len(class_names), micro_batches=M, weighted=config.train.weighted,
@@ -271,8 +288,26 @@ def build_run(
         config=config, model_cfg=model_cfg, mesh=mesh, loader=loader, dataset_info=info, class_names=class_names,
         seq_len=seq_len, global_batch_size=B, total_steps=total_steps, tx=tx, schedule=schedule, peak_lr=peak_lr,
         step_fn=step_fn, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
-        peak_flops=_peak_flops(config, model_cfg, mesh),
+        peak_flops=_peak_flops(config, model_cfg, mesh), seq_len_source=seq_len_source,
+        batches_per_epoch=int(getattr(loader, "batches_per_epoch", 0) or 0),
     )
+
+
+def row_length(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> tuple[int, str]:
+    """Tokens per packed row, and where that number comes from: `train.seq_len` when set (an
+    explicit override), else the max_length the dataset was prepared with, else (a loader that
+    records none) `data.max_length`."""
+    explicit = config.train.get("seq_len", 0)
+    if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 0:
+        raise ConfigError(f"train.seq_len={explicit!r} must be an int >= 0 (0 = the dataset's max_length)")
+    prepared = info.get("max_length")
+    if explicit:
+        if prepared is not None and explicit != prepared:
+            return explicit, f"train.seq_len; the dataset was prepared with max_length={prepared}"
+        return explicit, "train.seq_len"
+    if prepared is not None:
+        return int(prepared), "the dataset's max_length"
+    return int(config.data.max_length), "data.max_length"
 
 
 def _check_dataset_matches(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> None:
@@ -307,6 +342,7 @@ class _Meter:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.last_time: float | None = None
+        self.start_time = time.perf_counter()
 
     def __call__(self, step: int, raw: Mapping[str, np.ndarray], now: float, steps_since: int) -> dict[str, float]:
         run = self.run
@@ -329,12 +365,19 @@ class _Meter:
         else:
             self.nonfinite_in_a_row = 0
         scalars["nonfinite_total"] = float(self.nonfinite_total)
+        if run.batches_per_epoch:
+            scalars["epoch"] = step / run.batches_per_epoch  # epochs completed, fractional
+        scalars["wall_time"] = time.time()
+        scalars["elapsed_seconds"] = now - self.start_time
         if self.last_time is not None and steps_since > 0:
             seconds = (now - self.last_time) / steps_since
             scalars["step_seconds"] = seconds
-            scalars["tokens_per_second"] = run.tokens_per_step / seconds
+            # Real (non-pad) tokens of this step; the slots include padding and set the compute.
+            if "tokens" in scalars:
+                scalars["tokens_per_second"] = scalars["tokens"] / seconds
+            scalars["slots_per_second"] = run.tokens_per_step / seconds
             if run.peak_flops:
-                scalars["mfu"] = scalars["tokens_per_second"] * run.flops_per_token / run.peak_flops
+                scalars["mfu"] = scalars["slots_per_second"] * run.flops_per_token / run.peak_flops
         self.last_time = now
         return scalars
 
@@ -346,27 +389,58 @@ def train(
     checkpointer: Checkpointing | None = None,
     stop: Any = None,
     save_final: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> TrainResult:
+    """`say` receives the startup and closing summaries line by line (default: this module's
+    logger at INFO, which `openchat-jax train` shows); only process 0 says anything."""
     run = build_run(config) if run is None else run
     workdir = Path(config.workdir) if config.workdir else None
     if workdir is None:
         raise ConfigError("workdir is empty: give --config.workdir=DIR for logs and the final weights")
     primary = jax.process_index() == 0
+    say = say or log.info
+
+    def tell(line: str) -> None:
+        if primary:
+            say(line)
 
     if checkpointer is not None and hasattr(checkpointer, "custom_metadata"):
         checkpointer.custom_metadata = classes_record(run.dataset_info)  # saved with every checkpoint
     restored = checkpointer.restore_latest(run.abstract_state()) if checkpointer is not None else None
+    start = int(restored.step) if restored is not None else 0
+    record = run_info.run_record(run)
+    if restored is not None:
+        try:
+            changes = run_info.check_resume(config.workdir, record, start,
+                                            allow_changed=bool(config.train.get("allow_changed_resume", False)))
+        except ConfigError:
+            checkpointer.close()
+            raise
+        for line in changes:
+            log.warning(line)
+        final_path = epath.Path(config.workdir) / FINAL_DIR
+        if start >= run.total_steps and (final_path / MODEL_CONFIG).exists():
+            checkpointer.close()
+            tell(f"already finished at step {start}; final/ is at {final_path} (left as it is)")
+            return TrainResult(state=restored.state, steps_done=start, stopped=False, history=[],
+                               final_dir=str(final_path), start_step=start, already_finished=True)
+    if primary:
+        run_info.write_record(config.workdir, record)
+    paths = run_info.run_paths(config.workdir, tensorboard=config.train.tensorboard,
+                               checkpoints=getattr(checkpointer, "directory", None))
+    for line in run_info.startup_summary(run, paths, start):
+        tell(line)
+    t0 = time.perf_counter()
+
     if restored is not None:
         state = restored.state
         _set_aside_damaged(checkpointer, getattr(restored, "skipped", ()))
         run.loader.set_state(_own_data_state(restored.data_state))
-        start = int(restored.step)
         log.info("resumed from step %d", start)
     else:
         state = initial_state(run)
-        start = 0
     if start >= run.total_steps:
-        log.info("nothing to do: step %d of %d", start, run.total_steps)
+        log.info("step %d of %d was reached before: writing the final weights", start, run.total_steps)
 
     writer = MetricsWriter(workdir, enabled=primary, tensorboard=config.train.tensorboard)
     bar = ProgressBar(run.total_steps, initial=start, enabled=primary and config.train.progress)
@@ -429,7 +503,12 @@ def train(
     if save_final and not stopped and step >= run.total_steps:
         final_dir = str(workdir / FINAL_DIR)
         save_final_weights(run, state, final_dir)
-    return TrainResult(state=state, steps_done=step, stopped=stopped, history=history, final_dir=final_dir)
+    for line in run_info.closing_summary(step=step, total_steps=run.total_steps, start=start, stopped=stopped,
+                                         seconds=time.perf_counter() - t0, last=history[-1] if history else None,
+                                         final_dir=final_dir, paths=paths):
+        tell(line)
+    return TrainResult(state=state, steps_done=step, stopped=stopped, history=history, final_dir=final_dir,
+                       start_step=start)
 
 
 def save_final_weights(run: Run, state: TrainState, out_dir: str) -> None:

@@ -1,7 +1,10 @@
 """Metrics out of the step: named scalars, JSONL + TensorBoard files, and a progress bar.
 
 Files in WORKDIR (written by process 0 only):
-  metrics.jsonl   one JSON object per logged step: {"step": n, "loss": ..., "class/gpt4/loss": ...}
+  metrics.jsonl   one JSON object per logged step: {"step": n, "epoch": ..., "loss": ...,
+                  "class/gpt4/loss": ..., "wall_time": unix seconds, "elapsed_seconds": since the start
+                  of this process's run, "tokens_per_second": non-pad tokens, "slots_per_second":
+                  token slots including padding (what MFU counts)}
   tb/             TensorBoard event files (tensorboardX, no TensorFlow needed)
 """
 

@@ -235,12 +235,17 @@ def _lowered_flops(lowered: Any) -> float | None:
     return float(cost["flops"])
 
 
+def row_length(config: ml_collections.ConfigDict) -> int:
+    """The row length `train` would use with a dataset prepared at `data.max_length`."""
+    return int(config.train.get("seq_len", 0) or config.data.max_length)
+
+
 def xla_flops_per_step(
     model_cfg: LlamaConfig, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_classes: int
 ) -> float | None:
     """XLA's HLO cost analysis of the whole step (all devices), extrapolated from unrolled 1- and
     2-layer versions at micro_batches=1 (see the module doc for why)."""
-    B, L = config.train.global_batch_size, int(config.data.max_length)
+    B, L = config.train.global_batch_size, row_length(config)
     counts = []
     for layers in (1, 2):
         cfg = model_cfg.replace(num_layers=layers, scan_layers=False)
@@ -328,7 +333,7 @@ def _plan_step(
     mesh = mesh_lib.make_mesh(axes, available[:n])
     B, M = config.train.global_batch_size, config.train.micro_batches
     _check_batch(B, M, mesh_lib.batch_axis_size(mesh))
-    L = int(config.data.max_length)
+    L = row_length(config)
     if L < 1:
         raise ConfigError(f"data.max_length={L} must be >= 1")
     num_classes = len(config.data.classes)
