@@ -50,7 +50,7 @@ def splash_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segm
     L, S = q_BxLxHxD.shape[1], k_BxSxKxD.shape[1]
     if not (isinstance(q_offset, int) and q_offset == 0 and L == S and L % 128 == 0):
         return xla_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset)
-    active = partitioning._ACTIVE.get()
+    active = partitioning.active_rules()
     if active is None:
         return _local(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS)
     mesh, rules = active

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from openchat_jax.errors import CheckpointError, ConfigError
 from openchat_jax.model.config import LlamaConfig
@@ -63,27 +64,6 @@ def expected_shapes(cfg: LlamaConfig) -> dict[LeafPath, tuple[int, ...]]:
             for sub, s in spec.items():
                 out[(name, sub)] = s[0]
     return out
-
-
-def _flatten(tree: Params) -> dict[LeafPath, Any]:
-    flat: dict[LeafPath, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            for sub, leaf in _flatten(value).items():
-                flat[(key, *sub)] = leaf
-        else:
-            flat[(key,)] = value
-    return flat
-
-
-def _unflatten(flat: dict[LeafPath, Any]) -> Params:
-    tree: Params = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _check_tree(flat: dict[LeafPath, Any], cfg: LlamaConfig, where: str) -> None:
@@ -134,7 +114,7 @@ def save_params(
     weights folder (e.g. the one training started from), supplies special_tokens.json, hf_config.json
     and tokenizer/ unless given here. model_config.json records the stored dtype as param_dtype when
     all leaves share one."""
-    flat = _flatten(params)
+    flat = traverse_util.flatten_dict(params)
     _check_tree(flat, cfg, str(ckpt_dir))
     save_param_leaves(
         ckpt_dir, ((p, flat[p]) for p in expected_shapes(cfg)), cfg,
@@ -283,7 +263,7 @@ def load_params(
     elif isinstance(shardings, jax.sharding.Sharding):
         flat_shard = {p: shardings for p in meta}
     else:
-        flat_shard = _flatten(shardings)
+        flat_shard = traverse_util.flatten_dict(shardings)
         if set(flat_shard) != set(meta):
             raise CheckpointError(f"load_params({ckpt_dir}): shardings tree does not match the params tree")
 
@@ -297,7 +277,7 @@ def load_params(
         flat[path] = _restore_leaf(ckpt, root, path, args)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=str(np.dtype(dtype)))
-    return _unflatten(flat), cfg
+    return traverse_util.unflatten_dict(flat), cfg
 
 
 def iter_params(ckpt_dir: str, cfg: LlamaConfig | None = None) -> Iterator[tuple[LeafPath, np.ndarray]]:

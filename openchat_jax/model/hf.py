@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import ml_dtypes
 import numpy as np
 from etils import epath
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -305,7 +306,7 @@ class HFCheckpoint:
             yield path, out
 
     def params(self, *, add_eot: bool = False) -> Params:
-        return checkpoint_io._unflatten(dict(self.leaves(add_eot=add_eot)))
+        return traverse_util.unflatten_dict(dict(self.leaves(add_eot=add_eot)))
 
 
 def _append_mean(w: np.ndarray, axis: int) -> np.ndarray:
