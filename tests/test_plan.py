@@ -13,12 +13,13 @@ import sys
 import jax
 import pytest
 
-from openchat_jax.cli.plan import CHIP_CHOICES, force_cpu_devices, parse_mesh
+from openchat_jax.cli.plan import CHIP_CHOICES, force_cpu_devices
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import plan as plan_lib
 from openchat_jax.train import step as step_lib
 from openchat_jax.train.config import base_config
+from openchat_jax.train.mesh_spec import parse_mesh
 from openchat_jax.train.optimizer import make_optimizer
 
 # `openchat-jax ...` with this interpreter, in a fresh process.
@@ -219,6 +220,11 @@ def test_accelerator_attention_and_dataset_vocab_are_substituted_with_notes():
 def test_parse_mesh_and_device_flags():
     assert parse_mesh("fsdp=16,tensor=2") == {"data": 1, "fsdp": 16, "tensor": 2}
     assert parse_mesh("data=2 fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert parse_mesh("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}  # generate's mesh
+    with pytest.raises(ConfigError, match="fsdp=-1 .* give every size"):
+        parse_mesh("fsdp=-1", allow_rest=False)  # plan's mesh
+    with pytest.raises(ConfigError, match="only one axis may be -1"):
+        parse_mesh("data=-1,fsdp=-1")
     env = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"}
     force_cpu_devices(32, env)
     assert env == {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=32", "JAX_PLATFORMS": "cpu"}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -83,11 +84,15 @@ def _write_json(path: epath.Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def _read_json(path: epath.Path) -> Any:
+def read_json(path: epath.Path | Path) -> Any:
+    """The JSON value in `path` (local or gs://); a CheckpointError naming the file, and the line
+    where it is malformed, when it cannot be read or parsed."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -170,7 +175,7 @@ def save_param_leaves(
     if primary:
         source = epath.Path(copy_assets_from) if copy_assets_from else None
         if special_tokens is None and source is not None and (source / SPECIAL_TOKENS).exists():
-            special_tokens = _read_json(source / SPECIAL_TOKENS)
+            special_tokens = read_json(source / SPECIAL_TOKENS)
         if special_tokens is not None:
             unknown = sorted(set(special_tokens) - set(SPECIAL_TOKEN_KEYS))
             if unknown:
@@ -199,7 +204,7 @@ def read_model_config(ckpt_dir: str) -> LlamaConfig:
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: no {MODEL_CONFIG} (not a weights folder written by save_params / convert hf-to-jax)")
     try:
-        return LlamaConfig.from_config_dict(_read_json(path))
+        return LlamaConfig.from_config_dict(read_json(path))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -207,12 +212,12 @@ def read_model_config(ckpt_dir: str) -> LlamaConfig:
 def read_special_tokens(ckpt_dir: str) -> dict[str, int | None]:
     """bos/eos/pad/eot token ids recorded with the weights ({} when none were recorded)."""
     path = epath.Path(ckpt_dir) / SPECIAL_TOKENS
-    return _read_json(path) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def read_hf_config(ckpt_dir: str) -> dict[str, Any] | None:
     path = epath.Path(ckpt_dir) / HF_CONFIG
-    return _read_json(path) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def tokenizer_dir(ckpt_dir: str) -> epath.Path | None:

@@ -36,6 +36,7 @@ from safetensors.numpy import save_file
 
 from openchat_jax.errors import CheckpointError, ConfigError
 from openchat_jax.model import checkpoint_io
+from openchat_jax.model.checkpoint_io import read_json as _read_json
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import Params
 
@@ -312,13 +313,6 @@ class HFCheckpoint:
 def _append_mean(w: np.ndarray, axis: int) -> np.ndarray:
     mean = np.mean(w, axis=axis, dtype=np.float32, keepdims=True).astype(w.dtype)
     return np.concatenate([w, mean], axis=axis)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
 
 
 # ----------------------------------------------------------------------------- tokenizer files

@@ -40,7 +40,7 @@ from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.dense import accelerator_layout
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import step as step_lib
-from openchat_jax.train.flops import flops_per_token
+from openchat_jax.train.flops import PEAK_FLOPS_BY_KIND, flops_per_token
 from openchat_jax.train.loss import BATCH_KEYS
 from openchat_jax.train.optimizer import make_optimizer
 
@@ -62,20 +62,19 @@ class Chip:
     note: str
 
 
-# Sources (vendor pages, checked 2025):
-#   TPU v4:  cloud.google.com/tpu/docs/v4 - 275 TFLOP/s bf16, 32 GiB HBM2 per chip (2 TensorCores
-#            shown to JAX as one device; "v4-64" = 64 cores = 32 chips = 32 devices).
-#   TPU v5e: cloud.google.com/tpu/docs/v5e - 197 TFLOP/s bf16, 16 GiB HBM2 per chip.
-#   TPU v5p: cloud.google.com/tpu/docs/v5p - 459 TFLOP/s bf16, 95 GiB HBM2e per chip
-#            ("v5p-64" = 32 chips: v5p names count TensorCores, 2 per chip).
-#   H100:    NVIDIA H100 Tensor Core GPU datasheet, SXM5 - 989 TFLOP/s dense bf16 (1979 with
-#            2:4 sparsity), 80 GB HBM3. The launch scripts give XLA 90% of it
-#            (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9, launch/gpu_node.sh).
+# Peak FLOP/s: train/flops.py's table. HBM per chip (vendor pages, checked 2025):
+#   TPU v4:  cloud.google.com/tpu/docs/v4 - 32 GiB HBM2 per chip (2 TensorCores shown to JAX as one
+#            device; "v4-64" = 64 cores = 32 chips = 32 devices).
+#   TPU v5e: cloud.google.com/tpu/docs/v5e - 16 GiB HBM2 per chip.
+#   TPU v5p: cloud.google.com/tpu/docs/v5p - 95 GiB HBM2e per chip ("v5p-64" = 32 chips: v5p names
+#            count TensorCores, 2 per chip).
+#   H100:    NVIDIA H100 Tensor Core GPU datasheet, SXM5 - 80 GB HBM3. The launch scripts give XLA
+#            90% of it (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9, launch/gpu_node.sh).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1.0, "v4-N slices have N/2 chips (N counts TensorCores)"),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 1.0, "v5litepod-N slices have N chips"),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 1.0, "v5p-N slices have N/2 chips (N counts TensorCores)"),
-    "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * GiB, 0.9, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 in the launch scripts"),
+    "v4": Chip("TPU v4", PEAK_FLOPS_BY_KIND["TPU v4"], 32 * GiB, 1.0, "v4-N slices have N/2 chips (N counts TensorCores)"),
+    "v5e": Chip("TPU v5e", PEAK_FLOPS_BY_KIND["TPU v5e"], 16 * GiB, 1.0, "v5litepod-N slices have N chips"),
+    "v5p": Chip("TPU v5p", PEAK_FLOPS_BY_KIND["TPU v5p"], 95 * GiB, 1.0, "v5p-N slices have N/2 chips (N counts TensorCores)"),
+    "h100": Chip("NVIDIA H100 SXM", PEAK_FLOPS_BY_KIND["H100"], 80 * GiB, 0.9, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 in the launch scripts"),
 }
 
 
