@@ -12,6 +12,7 @@ import pytest
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.llama import lm_head
 from openchat_jax.train import loss as loss_lib
+from openchat_jax.train import step as step_lib
 from openchat_jax.train.step import loss_options
 
 B, L, E, V, C = 3, 16, 24, 70, 2
@@ -168,3 +169,14 @@ def test_loss_options_pick_a_dividing_chunk_or_refuse():
     for bad in (-1, 1.5, True, "128"):
         with pytest.raises(ConfigError, match="loss_chunk_length"):
             loss_options(cfg(loss_chunk_length=bad), 512)
+
+
+def test_build_step_passes_the_train_config_to_the_step(monkeypatch):
+    seen: dict = {}
+    monkeypatch.setattr(step_lib, "make_train_step", lambda *args, **kwargs: seen.update(kwargs) or "step")
+    train = ml_collections.ConfigDict({"micro_batches": 4, "weighted": False, "loss_chunk_length": 512})
+    assert step_lib.build_step(None, train, None, None, None, num_classes=3, seq_len=1024) == "step"
+    assert seen == {"num_classes": 3, "micro_batches": 4, "weighted": False, "fused_head": True,
+                    "loss_chunk_length": 512, "skip_unsupervised_logits": True}
+    step_lib.build_step(None, train, None, None, None, num_classes=3, seq_len=1024, micro_batches=1)
+    assert seen["micro_batches"] == 1

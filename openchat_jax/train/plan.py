@@ -3,7 +3,7 @@ devices and report per-device memory, FLOPs per step, and step time at a stated 
 
 Nothing is allocated: the train state and the batch are `jax.ShapeDtypeStruct`s with their
 shardings (the optimizer state from `jax.eval_shape(tx.init, ...)`), and the real jitted step
-(`train.step.make_train_step`, the same micro-batch scan, remat policy and donation) is lowered and
+(`train.step.build_step`, the same micro-batch scan, remat policy and donation) is lowered and
 compiled for them.
 
 Where each number comes from:
@@ -244,10 +244,7 @@ def xla_flops_per_step(
     for layers in (1, 2):
         cfg = model_cfg.replace(num_layers=layers, scan_layers=False)
         tx, schedule, _ = make_optimizer(config.train, _PLACEHOLDER_STEPS, B * L)
-        fn = step_lib.make_train_step(
-            cfg, tx, schedule, mesh, num_classes=num_classes, micro_batches=1, weighted=config.train.weighted,
-            **step_lib.loss_options(config.train, L),
-        )
+        fn = step_lib.build_step(cfg, config.train, tx, schedule, mesh, num_classes=num_classes, seq_len=L, micro_batches=1)
         flops = _lowered_flops(fn.lower(step_lib.abstract_train_state(cfg, tx, mesh), abstract_batch(B, L, mesh)))
         if flops is None:
             return None
@@ -340,10 +337,7 @@ def _plan_step(
     opt_bytes = per_device_bytes(state["opt_state"])
     grads_bytes = params_bytes  # same shapes and shardings, accumulated in the param dtype
 
-    fn = step_lib.make_train_step(
-        model_cfg, tx, schedule, mesh, num_classes=num_classes, micro_batches=M, weighted=config.train.weighted,
-        **step_lib.loss_options(config.train, L),
-    )
+    fn = step_lib.build_step(model_cfg, config.train, tx, schedule, mesh, num_classes=num_classes, seq_len=L)
     t0 = time.perf_counter()
     lowered = fn.lower(state, batch)
     lower_s = time.perf_counter() - t0

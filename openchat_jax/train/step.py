@@ -114,13 +114,6 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
-def batch_loss(params: Any, model_cfg: LlamaConfig, batch: Batch, num_classes: int, weighted: bool = True) -> tuple[jax.Array, dict]:
-    """The objective on one batch, no accumulation: (sum(w*CE)/sum(w), sums). For tests/eval."""
-    logits = forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
-    sums = loss_sums(logits, batch["targets"], token_weights(batch["weights"], weighted), batch["class_ids"], num_classes)
-    return sums["wce"] / sums["weight"], sums
-
-
 def _gather_embedding(params: Any) -> Any:
     """All-gather the embedding table's `embed` axis (as FSDP does for every weight before its
     matmul) before the token lookup. Left sharded, the lookup's output is split along `embed` and
@@ -227,6 +220,27 @@ def loss_options(train_cfg: Any, seq_len: int) -> dict[str, Any]:
         raise ConfigError(f"train.skip_unsupervised_logits={skip!r} must be True or False")
     return {"fused_head": bool(train_cfg.get("fused_head_loss", True)), "loss_chunk_length": chunk,
             "skip_unsupervised_logits": skip}
+
+
+def build_step(
+    model_cfg: LlamaConfig,
+    train_cfg: Any,
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    mesh: Mesh,
+    *,
+    num_classes: int,
+    seq_len: int,
+    micro_batches: int | None = None,
+) -> StepFn:
+    """The train step a run's `config.train` describes (its micro-batches, `weighted` and the loss
+    implementation fields of `loss_options`); the one builder for train, plan and bench.
+    `micro_batches` overrides the config's (plan counts FLOPs at 1)."""
+    return make_train_step(
+        model_cfg, tx, schedule, mesh, num_classes=num_classes,
+        micro_batches=train_cfg.micro_batches if micro_batches is None else micro_batches,
+        weighted=train_cfg.get("weighted", True), **loss_options(train_cfg, seq_len),
+    )
 
 
 def make_train_step(
