@@ -59,7 +59,7 @@ def compiled_plan() -> plan_lib.Plan:
 
 
 def test_param_bytes_equal_analytic_count(compiled_plan):
-    """Acceptance 2: params x 4 bytes (float32) / 8 shards, within 1% (here: exactly)."""
+    """Params x 4 bytes (float32) / 8 shards, within 1% (here: exactly)."""
     expected = num_params(small_config()) * 4 / 8
     assert abs(compiled_plan.params_bytes - expected) <= 0.01 * expected
     assert compiled_plan.params_bytes == expected  # every leaf has an `embed` dim that fsdp=8 divides
@@ -277,7 +277,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_llama2_13b_step_compiles_in_under_3_minutes(tmp_path):
-    """Acceptance 4: the 13B step (40 layers scanned, seq 4096, full remat) on 32 fake devices."""
+    """The 13B step (40 layers scanned, seq 4096, full remat) on 32 fake devices."""
     cfg = tmp_path / "l13.py"
     cfg.write_text(
         "from openchat_jax.train.config import base_config\n\n"

@@ -1,4 +1,4 @@
-"""Model shapes. Field names follow DESIGN.md's logical axes (embed, heads, kv_heads, head_dim, mlp)."""
+"""Model shapes; field names are the logical axes in docs/architecture.md (embed, heads, kv_heads, head_dim, mlp)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ on the same model, batch and optimizer step, on this machine's CPU.
    JAX, ...) so that load from other processes hits both alike; medians are reported, and the
    matmul peak is re-measured after each round (MFU uses the best one). Each side's first
    `settle_steps` steps of a round are run but not timed: the first step after the other
-   framework ran pays for its thread pool and caches (~1 s for JAX on a 2-core VM).
+   framework ran pays for its thread pool and caches (docs/benchmarks.md, `--settle-steps`).
 3. Work per step is the same on both sides: B rows of L tokens, one conversation per row (HF has
    no packing), weighted CE sum(w * CE) / sum(w), backward, global-norm clip 1.0, AdamW update.
 MFU uses the FLOPs formula of openchat_jax.train.flops (model FLOPs, not counting remat). Our

@@ -46,7 +46,7 @@ from openchat_jax.train.optimizer import make_optimizer
 
 GiB = 1024**3
 
-# Llama-2's 32000 tokens + <|end_of_turn|> (DESIGN.md): the vocabulary when the config leaves it
+# Llama-2's 32000 tokens + <|end_of_turn|> (docs/architecture.md): the vocabulary when the config leaves it
 # to the dataset (model.vocab_size <= 0).
 DEFAULT_VOCAB_SIZE = 32001
 # The schedule's length does not change the compiled program; any positive count will do.

@@ -81,8 +81,8 @@ def init_train_state(
 
 
 def _init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
-    # Init runs once, and on CPU compiling its random-normal kernels dominates start-up (~5x
-    # faster without LLVM optimisation); accelerators keep their defaults.
+    # Init runs once, and on CPU compiling its random-normal kernels dominates start-up unless LLVM
+    # optimisation is off (docs/benchmarks.md); accelerators keep their defaults.
     return {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" else None
 
 
