@@ -19,7 +19,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from openchat_jax.model import partitioning
-from openchat_jax.model.attention import register_backend, xla_attention
+from openchat_jax.model.attention import xla_attention
 
 
 @functools.lru_cache(maxsize=32)
@@ -61,5 +61,3 @@ def splash_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segm
         _local, mesh=mesh, in_specs=(qspec, kvspec, kvspec, segspec, segspec), out_specs=qspec, check_vma=False
     )(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS)
 
-
-register_backend("splash", splash_attention)

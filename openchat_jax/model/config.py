@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from openchat_jax.errors import ConfigError
+from openchat_jax.model.attention import backend_names
 
 REMAT_POLICIES = ("none", "full", "dots", "minimal")
-ATTENTION_BACKENDS = ("xla", "xla_autodiff", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "full"  # one of REMAT_POLICIES
-    attention: str = "xla"  # one of ATTENTION_BACKENDS
+    attention: str = "auto"  # one of attention.backend_names(): auto = splash on TPU, cudnn on GPU, else xla
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -42,8 +42,8 @@ class LlamaConfig:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even (rotary embeddings)")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ConfigError(f"model.attention={self.attention!r}: choose one of {ATTENTION_BACKENDS}")
+        if self.attention not in backend_names():
+            raise ConfigError(f"model.attention={self.attention!r}: choose one of {backend_names()}")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))

@@ -207,9 +207,11 @@ def model_config_for_plan(config: ml_collections.ConfigDict) -> tuple[LlamaConfi
             f"model.vocab_size <= 0 (taken from the dataset at train time): planned with {DEFAULT_VOCAB_SIZE} "
             "(Llama-2 + <|end_of_turn|>); override with --config.model.vocab_size=N"
         )
-    if model.get("attention", "xla") != "xla":
+    if model.get("attention", "auto") != "xla":
+        kernel = "selects an accelerator kernel (splash on TPU, cudnn on GPU)" if model.get("attention", "auto") == "auto" \
+            else "is an accelerator kernel"
         notes.append(
-            f"model.attention={model['attention']!r} is an accelerator kernel that XLA:CPU cannot compile: "
+            f"model.attention={model.get('attention', 'auto')!r} {kernel} that XLA:CPU cannot compile: "
             "planned with 'xla', which materialises the [heads, L, L] scores of a layer: the temporaries "
             "include buffers the kernel does not need"
         )
