@@ -215,6 +215,9 @@ def test_accelerator_attention_and_dataset_vocab_are_substituted_with_notes():
     assert len(notes) == 3
     assert "model.attention='splash'" in notes[1] and "init_from='/somewhere/weights'" in notes[2]
     assert c.model.attention == "splash"  # the config itself is untouched
+    cfg, notes = plan_lib.model_config_for_plan(small_config())  # the default, auto
+    assert cfg.attention == "xla"
+    assert any("model.attention='auto' selects an accelerator kernel (splash on TPU, cudnn on GPU)" in n for n in notes)
 
 
 def test_parse_mesh_and_device_flags():
