@@ -1,4 +1,4 @@
-"""Packing and the grain loader (acceptance 3 and 4).
+"""Packing and the grain loader: every record once per epoch, reproducible batches, resumable state.
 
 Batches are checked against the prepared records themselves (read back from the data source),
 not against the packing plan: every segment must be one whole record, every record must appear

@@ -1,5 +1,5 @@
-"""Readers, classes config and `prepare` (acceptance 5: bad input -> counted skips; config errors
-fail before any work; zero supervised tokens is an error)."""
+"""Readers, classes config and `prepare`: bad input -> counted skips; config errors fail before
+any work; zero supervised tokens is an error."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Acceptance 1: the template gives exactly the hand-computed ids/weights per class, and the
+"""The template gives exactly the hand-computed ids/weights per class, and the
 inference prompt (ours and the HF chat template) equals the training ids up to the answer."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HF chat files (acceptance 3): the exported tokenizer's `apply_chat_template` gives our prompt
+"""The HF chat files: the exported tokenizer's `apply_chat_template` gives our prompt
 builder's ids; eos is <|end_of_turn|>; transformers generate on the exported folder, prompted by
 the chat template, answers as our engine does."""
 

@@ -1,5 +1,5 @@
-"""KV-cache generation: parity with transformers' greedy generate on the exported checkpoint
-(acceptance 1), cache logits == full forward at every position (acceptance 2), stop tokens,
+"""KV-cache generation: parity with transformers' greedy generate on the exported checkpoint,
+cache logits == full forward at every position, stop tokens,
 context limits, and the same tokens on a device mesh."""
 
 from __future__ import annotations

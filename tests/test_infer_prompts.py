@@ -1,4 +1,4 @@
-"""Prompts files (acceptance 4), multi-turn feeding, conditions, the chat session, and
+"""Prompts files (chat and MT-bench formats, malformed lines), multi-turn feeding, conditions, the chat session, and
 `openchat-jax generate` end to end on a tiny weights folder with the fixture tokenizer."""
 
 from __future__ import annotations

@@ -161,3 +161,14 @@ def test_relative_folder_saves_and_loads(saved, tmp_path, monkeypatch):
     assert cfg == CFG
     for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_read_json_names_the_file_and_the_malformed_line(tmp_path):
+    path = tmp_path / "model_config.json"
+    path.write_text('{\n  "embed": 64,\n  oops\n}\n')
+    with pytest.raises(CheckpointError, match=r"model_config\.json:3: malformed JSON"):
+        checkpoint_io.read_json(path)
+    with pytest.raises(CheckpointError, match=r"missing\.json: cannot read"):
+        checkpoint_io.read_json(tmp_path / "missing.json")
+    path.write_text('{"embed": 64}')
+    assert checkpoint_io.read_json(path) == {"embed": 64}

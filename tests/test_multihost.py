@@ -1,4 +1,4 @@
-"""Acceptance 2 of issue 5: two processes x 4 CPU devices (jax.distributed on localhost, gloo
+"""Two processes x 4 CPU devices (jax.distributed on localhost, gloo
 collectives) train like one process x 8 devices, through a checkpoint saved by the two-process
 run and a restore from it."""
 

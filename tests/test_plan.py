@@ -13,12 +13,13 @@ import sys
 import jax
 import pytest
 
-from openchat_jax.cli.plan import CHIP_CHOICES, force_cpu_devices, parse_mesh
+from openchat_jax.cli.plan import CHIP_CHOICES, force_cpu_devices
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import plan as plan_lib
 from openchat_jax.train import step as step_lib
 from openchat_jax.train.config import base_config
+from openchat_jax.train.mesh_spec import parse_mesh
 from openchat_jax.train.optimizer import make_optimizer
 
 # `openchat-jax ...` with this interpreter, in a fresh process.
@@ -58,7 +59,7 @@ def compiled_plan() -> plan_lib.Plan:
 
 
 def test_param_bytes_equal_analytic_count(compiled_plan):
-    """Acceptance 2: params x 4 bytes (float32) / 8 shards, within 1% (here: exactly)."""
+    """Params x 4 bytes (float32) / 8 shards, within 1% (here: exactly)."""
     expected = num_params(small_config()) * 4 / 8
     assert abs(compiled_plan.params_bytes - expected) <= 0.01 * expected
     assert compiled_plan.params_bytes == expected  # every leaf has an `embed` dim that fsdp=8 divides
@@ -214,11 +215,19 @@ def test_accelerator_attention_and_dataset_vocab_are_substituted_with_notes():
     assert len(notes) == 3
     assert "model.attention='splash'" in notes[1] and "init_from='/somewhere/weights'" in notes[2]
     assert c.model.attention == "splash"  # the config itself is untouched
+    cfg, notes = plan_lib.model_config_for_plan(small_config())  # the default, auto
+    assert cfg.attention == "xla"
+    assert any("model.attention='auto' selects an accelerator kernel (splash on TPU, cudnn on GPU)" in n for n in notes)
 
 
 def test_parse_mesh_and_device_flags():
     assert parse_mesh("fsdp=16,tensor=2") == {"data": 1, "fsdp": 16, "tensor": 2}
     assert parse_mesh("data=2 fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert parse_mesh("fsdp=-1,tensor=2") == {"data": 1, "fsdp": -1, "tensor": 2}  # generate's mesh
+    with pytest.raises(ConfigError, match="fsdp=-1 .* give every size"):
+        parse_mesh("fsdp=-1", allow_rest=False)  # plan's mesh
+    with pytest.raises(ConfigError, match="only one axis may be -1"):
+        parse_mesh("data=-1,fsdp=-1")
     env = {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"}
     force_cpu_devices(32, env)
     assert env == {"XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=32", "JAX_PLATFORMS": "cpu"}
@@ -271,7 +280,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_llama2_13b_step_compiles_in_under_3_minutes(tmp_path):
-    """Acceptance 4: the 13B step (40 layers scanned, seq 4096, full remat) on 32 fake devices."""
+    """The 13B step (40 layers scanned, seq 4096, full remat) on 32 fake devices."""
     cfg = tmp_path / "l13.py"
     cfg.write_text(
         "from openchat_jax.train.config import base_config\n\n"

@@ -1,4 +1,4 @@
-"""Runs that survive (issue 5) through `openchat-jax train` in subprocesses on a prepared dataset:
+"""Runs that survive interruptions, through `openchat-jax train` in subprocesses on a prepared dataset:
 exact resume after SIGKILL, SIGTERM saves and resumes exactly, a damaged newest checkpoint is
 skipped, non-finite batches are skipped and N in a row stop the run naming the step."""
 
@@ -169,7 +169,7 @@ def _assert_bitwise_equal(a: list[np.ndarray], b: list[np.ndarray]) -> None:
 
 
 def test_sigkill_after_step5_checkpoint_then_restart_is_exact(tiny_tokenizer_dir, dataset, reference, tmp_path):  # noqa: F811
-    """Acceptance 1."""
+    """SIGKILL after the step-5 checkpoint; the restarted run continues exactly as an uninterrupted one."""
     _, ref_losses, ref_params = reference
     workdir = tmp_path / "run"
     config_file = _write_config(tiny_tokenizer_dir, dataset, workdir)
@@ -191,7 +191,7 @@ def test_sigkill_after_step5_checkpoint_then_restart_is_exact(tiny_tokenizer_dir
 
 
 def test_sigterm_saves_and_the_run_resumes_exactly(tiny_tokenizer_dir, dataset, reference, tmp_path):  # noqa: F811
-    """Acceptance 5: SIGTERM mid-run (not at a save step) -> checkpoint at the stop step, exit 0."""
+    """SIGTERM mid-run (not at a save step) -> checkpoint at the stop step, exit 0."""
     _, ref_losses, ref_params = reference
     workdir = tmp_path / "run"
     config_file = _write_config(tiny_tokenizer_dir, dataset, workdir)
@@ -216,7 +216,7 @@ def test_sigterm_saves_and_the_run_resumes_exactly(tiny_tokenizer_dir, dataset, 
 
 
 def test_damaged_newest_checkpoint_is_skipped_by_train(tiny_tokenizer_dir, dataset, reference, tmp_path, caplog):  # noqa: F811
-    """Acceptance 3 at the train level: checkpoint 10 truncated -> warning, resume from 5."""
+    """A damaged newest checkpoint: checkpoint 10 truncated -> warning, resume from 5."""
     ref_dir, ref_losses, _ = reference
     workdir = tmp_path / "run"
     shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
@@ -237,7 +237,7 @@ def test_damaged_newest_checkpoint_is_skipped_by_train(tiny_tokenizer_dir, datas
     assert restored.step == 10 and restored.skipped == []  # the damaged one was overwritten by a good one
 
 
-# -- non-finite batches (acceptance 4) on synthetic batches ---------------------------------------
+# -- non-finite batches, on synthetic batches -----------------------------------------------------
 
 
 @pytest.fixture(scope="module")

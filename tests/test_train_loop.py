@@ -155,7 +155,7 @@ def _supervised_by_class(loader, steps: int) -> dict[int, list[tuple[int, float]
 
 
 def test_conditioned_false_changes_only_the_template(tiny_tokenizer_dir, prepared):  # noqa: F811
-    """Acceptance 5 (conditioned): over one epoch of batches, the unconditioned dataset has no class
+    """data.conditioned=False: over one epoch of batches, the unconditioned dataset has no class
     prefix token, while the supervised (target, weight) pairs of every class are identical."""
     tok, _ = load_tokenizer(tiny_tokenizer_dir)
     prefix_ids = {tok.convert_tokens_to_ids(t) for t in ("▁GPT4", "▁GPT3")}

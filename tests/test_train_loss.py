@@ -12,6 +12,7 @@ import pytest
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.llama import lm_head
 from openchat_jax.train import loss as loss_lib
+from openchat_jax.train import step as step_lib
 from openchat_jax.train.step import loss_options
 from tests.tokenizer_fixture import tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
 
@@ -243,3 +244,13 @@ def test_prepared_messages_are_separate_runs_in_loader_batches(tiny_tokenizer_di
     mw = np.asarray(loss_lib.message_mean_weights(jnp.asarray(batch["weights"])))[0]
     message_weights = [w for n in (2, 4, 6) for _, _, w in turns[:n] if w is None or w > 0]
     assert mw.sum() == pytest.approx(sum(1.0 if w is None else w for w in message_weights), rel=1e-6)
+def test_build_step_passes_the_train_config_to_the_step(monkeypatch):
+    seen: dict = {}
+    monkeypatch.setattr(step_lib, "make_train_step", lambda *args, **kwargs: seen.update(kwargs) or "step")
+    train = ml_collections.ConfigDict({"micro_batches": 4, "weighted": False, "loss_chunk_length": 512})
+    assert step_lib.build_step(None, train, None, None, None, num_classes=3, seq_len=1024) == "step"
+    assert seen == {"num_classes": 3, "micro_batches": 4, "weighted": False, "fused_head": True,
+                    "loss_chunk_length": 512, "skip_unsupervised_logits": True,
+                    "loss_normalization": "token"}
+    step_lib.build_step(None, train, None, None, None, num_classes=3, seq_len=1024, micro_batches=1)
+    assert seen["micro_batches"] == 1

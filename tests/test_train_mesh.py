@@ -1,4 +1,4 @@
-"""Mesh invariance (acceptance 2), sharded creation of the state, mesh config errors."""
+"""Mesh invariance (the same step on any mesh), sharded creation of the state, mesh config errors."""
 
 from __future__ import annotations
 

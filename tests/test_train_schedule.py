@@ -1,4 +1,4 @@
-"""Schedule closed form and lr="auto" (acceptance 4), weight-decay mask, FLOPs formula, metrics."""
+"""Schedule closed form and lr="auto", weight-decay mask, FLOPs formula, metrics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The train step against independent references (acceptance 1, 3, 5) and its non-finite guard.
+"""The train step against independent references and its non-finite guard.
 
 The reference is transformers' LlamaForCausalLM + torch.optim.AdamW with our weights copied in
 (our own mapping here, not openchat_jax.model.hf): each packed conversation is run as its own

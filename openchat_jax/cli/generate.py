@@ -28,21 +28,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "(default: one device)")
 
 
-def parse_mesh(text: str | None):
+def _mesh(text: str | None):
     if not text:
         return None, None
     from openchat_jax.train.mesh import LOGICAL_AXIS_RULES, make_mesh
+    from openchat_jax.train.mesh_spec import parse_mesh
 
-    sizes = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        try:
-            sizes[name.strip()] = int(value)
-        except ValueError:
-            raise ConfigError(f"--mesh {text!r}: expected axis=size items like fsdp=-1") from None
-        if not sep:
-            raise ConfigError(f"--mesh {text!r}: expected axis=size items like fsdp=-1")
-    return make_mesh(sizes), LOGICAL_AXIS_RULES
+    return make_mesh(parse_mesh(text)), LOGICAL_AXIS_RULES
 
 
 def load(args: argparse.Namespace):
@@ -56,7 +48,7 @@ def load(args: argparse.Namespace):
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     conv_class = resolve_condition(args.ckpt, class_name=args.condition, condition_text=args.condition_text,
                                    classes_from=args.classes_from)
-    mesh, rules = parse_mesh(args.mesh)
+    mesh, rules = _mesh(args.mesh)
     model = load_chat_model(args.ckpt, tokenizer_path=args.tokenizer, mesh=mesh, rules=rules, dtype=args.dtype)
     return model, conv_class, sampling
 

@@ -20,9 +20,9 @@ from typing import MutableMapping
 from openchat_jax.config import load_config
 from openchat_jax.errors import ConfigError
 from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.train.mesh_spec import MESH_AXES, parse_mesh
 
 CHIP_CHOICES = ("v4", "v5e", "v5p", "h100")  # the keys of openchat_jax.train.plan.CHIPS
-MESH_AXES = ("data", "fsdp", "tensor")  # = openchat_jax.train.mesh.MESH_AXES
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
@@ -45,28 +45,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-xla-flops", action="store_true", help="skip XLA's FLOP count")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON to FILE")
     p.set_defaults(func=run, overrides=[])
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'fsdp=16,tensor=2' -> {'data': 1, 'fsdp': 16, 'tensor': 2}; axes not named are 1."""
-    out = {name: 1 for name in MESH_AXES}
-    seen: set[str] = set()
-    for item in text.replace(" ", ",").split(","):
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        if not sep or name not in out:
-            raise ConfigError(f"--mesh {text!r}: expected AXIS=SIZE items with AXIS in {MESH_AXES}, got {item!r}")
-        if name in seen:
-            raise ConfigError(f"--mesh {text!r}: axis {name!r} given twice")
-        size = int(value) if value.isdigit() else 0
-        if size < 1:
-            raise ConfigError(f"--mesh {text!r}: {name} must be a positive integer, got {value!r}")
-        out[name] = size
-        seen.add(name)
-    if not seen:
-        raise ConfigError(f"--mesh {text!r}: name at least one axis, e.g. fsdp=32")
-    return out
 
 
 def force_cpu_devices(num_devices: int, environ: MutableMapping[str, str] = os.environ) -> None:
@@ -93,7 +71,7 @@ def _late_cpu_devices(num_devices: int) -> None:
 def run(args: argparse.Namespace) -> int:
     # The fake device count is read when jax first creates its CPU backend, so set it before the
     # config file (which imports jax) is even loaded when --mesh gives the size.
-    mesh_axes = parse_mesh(args.mesh) if args.mesh is not None else None
+    mesh_axes = parse_mesh(args.mesh, allow_rest=False) if args.mesh is not None else None
     if mesh_axes is not None and "jax" not in sys.modules:
         force_cpu_devices(math.prod(mesh_axes.values()))
     config = load_config(args.config, args.overrides)

@@ -195,10 +195,6 @@ class PackedLoader:
         self._it = iter(self._dataset.to_iter_dataset(self._read_options))
         self._it.set_state(state["iterator"])
 
-    @property
-    def next_batch_index(self) -> int:
-        return int(self._iter.get_state().get("next_index", 0))
-
 
 def make_loader(dataset_dir: str | Path, *, global_batch_size: int, seq_len: int, seed: int,
                 process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,

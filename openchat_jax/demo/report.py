@@ -3,7 +3,6 @@ accuracy under the expert and the sub-optimal condition, as the paper's Fig. 5).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -20,11 +19,6 @@ SHORT_TITLES = {
     "no_conditions": "C-RLFT\nw/o conditions",
     "crlft": "C-RLFT",
 }
-
-
-def load_results(path: str | Path) -> list[RunResult]:
-    """The runs recorded in a demo's results.json (to redraw the table or the plot)."""
-    return [RunResult(**r) for r in json.loads(Path(path).read_text())["results"]]
 
 
 def _smooth(values: Sequence[float], alpha: float = 0.2) -> list[float]:

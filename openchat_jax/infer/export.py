@@ -22,16 +22,10 @@ from typing import Any
 from openchat_jax.data.template import render_chat_template
 from openchat_jax.data.tokenizer import EOT_TOKEN, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, save_tokenizer
 from openchat_jax.errors import CheckpointError
+from openchat_jax.model.checkpoint_io import read_json as _read_json
 
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers prefers it over tokenizer_config's entry
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

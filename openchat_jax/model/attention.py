@@ -14,6 +14,7 @@ grouped: H = K * G (GQA).
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Callable
 
 import jax
@@ -170,21 +171,32 @@ xla_attention_autodiff: AttendFn = functools.partial(
     _grouped, lambda q, k, v, mask, q_offset, window: _attend_fwd(q, k, v, mask, q.shape[1], k.shape[1], window)[0])
 
 
-_BACKENDS: dict[str, AttendFn] = {"xla": xla_attention, "xla_autodiff": xla_attention_autodiff}
+# Backends by name, as "module:function" with the `attend` signature, imported on first use so a
+# CPU install never loads an accelerator's kernels. A new backend is one module and one line here.
+BACKENDS: dict[str, str] = {
+    "xla": f"{__name__}:xla_attention",
+    "xla_autodiff": f"{__name__}:xla_attention_autodiff",
+    "splash": "openchat_jax.model.attention_splash:splash_attention",
+    "cudnn": "openchat_jax.model.attention_cudnn:cudnn_attention",
+}
+# `auto` (the default): the backend for the platform jax computes on; any other platform gets xla.
+AUTO_BACKENDS = {"tpu": "splash", "gpu": "cudnn"}
 
 
-def register_backend(name: str, fn: AttendFn) -> None:
-    _BACKENDS[name] = fn
+def backend_names() -> tuple[str, ...]:
+    return ("auto", *BACKENDS)
+
+
+def resolve_backend(name: str, platform: str | None = None) -> str:
+    """`auto` -> the backend for `platform` (default: jax's default backend); other names as given."""
+    if name == "auto":
+        return AUTO_BACKENDS.get(platform or jax.default_backend(), "xla")
+    return name
 
 
 def get_backend(name: str) -> AttendFn:
-    if name not in _BACKENDS:
-        # Accelerator backends register themselves on import; import lazily so CPU installs
-        # never need their kernels.
-        if name in ("splash", "cudnn"):
-            import importlib
-
-            importlib.import_module(f"openchat_jax.model.attention_{name}")
-        if name not in _BACKENDS:
-            raise ValueError(f"attention backend {name!r} is not available; have {sorted(_BACKENDS)}")
-    return _BACKENDS[name]
+    resolved = resolve_backend(name)
+    if resolved not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not available; have {sorted(backend_names())}")
+    module, _, function = BACKENDS[resolved].partition(":")
+    return getattr(importlib.import_module(module), function)

@@ -1,7 +1,8 @@
 """GPU attention through cuDNN's fused kernel (`jax.nn.dot_product_attention`) behind the
 `attend` signature. The packed-row mask (same segment) is passed as a boolean mask, causality as
 `is_causal` and a sliding window as `local_window_size`; grouped heads are handled natively by the
-kernel. Decoding calls (q_offset != 0) use the XLA reference.
+kernel. Decoding calls (q_offset != 0) and float32 activations (cuDNN's fused kernel takes
+bfloat16 and float16 only) use the XLA reference.
 
 `OPENCHAT_CUDNN_IMPLEMENTATION=xla` routes the same call through JAX's XLA implementation, which
 is how the CPU test checks the masks; real runs use cuDNN on NVIDIA GPUs.
@@ -12,14 +13,16 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 
-from openchat_jax.model.attention import register_backend, xla_attention
+from openchat_jax.model.attention import xla_attention
 
 
 def cudnn_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset=0,
                     sliding_window: int = 0):
     L, S = q_BxLxHxD.shape[1], k_BxSxKxD.shape[1]
-    if not (isinstance(q_offset, int) and q_offset == 0 and L == S):
+    half = q_BxLxHxD.dtype in (jnp.bfloat16, jnp.float16)
+    if not (isinstance(q_offset, int) and q_offset == 0 and L == S and half):
         return xla_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset,
                              sliding_window=sliding_window)
     same_segment_Bx1xLxS = (q_segment_ids_BxL[:, :, None] == kv_segment_ids_BxS[:, None, :])[:, None]
@@ -32,5 +35,3 @@ def cudnn_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segme
         implementation=os.environ.get("OPENCHAT_CUDNN_IMPLEMENTATION", "cudnn"),
     ).astype(q_BxLxHxD.dtype)
 
-
-register_backend("cudnn", cudnn_attention)

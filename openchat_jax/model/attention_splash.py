@@ -19,7 +19,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from openchat_jax.model import partitioning
-from openchat_jax.model.attention import register_backend, xla_attention
+from openchat_jax.model.attention import xla_attention
 
 
 @functools.lru_cache(maxsize=32)
@@ -57,7 +57,7 @@ def splash_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segm
         return xla_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset,
                              sliding_window=sliding_window)
     local = functools.partial(_local, window=sliding_window)
-    active = partitioning._ACTIVE.get()
+    active = partitioning.active_rules()
     if active is None:
         return local(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS)
     mesh, rules = active
@@ -68,5 +68,3 @@ def splash_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segm
         local, mesh=mesh, in_specs=(qspec, kvspec, kvspec, segspec, segspec), out_specs=qspec, check_vma=False
     )(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS)
 
-
-register_backend("splash", splash_attention)

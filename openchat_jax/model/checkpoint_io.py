@@ -28,12 +28,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from openchat_jax.errors import CheckpointError, ConfigError
 from openchat_jax.model.config import LlamaConfig
@@ -65,27 +67,6 @@ def expected_shapes(cfg: LlamaConfig) -> dict[LeafPath, tuple[int, ...]]:
     return out
 
 
-def _flatten(tree: Params) -> dict[LeafPath, Any]:
-    flat: dict[LeafPath, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            for sub, leaf in _flatten(value).items():
-                flat[(key, *sub)] = leaf
-        else:
-            flat[(key,)] = value
-    return flat
-
-
-def _unflatten(flat: dict[LeafPath, Any]) -> Params:
-    tree: Params = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def _check_tree(flat: dict[LeafPath, Any], cfg: LlamaConfig, where: str) -> None:
     expected = expected_shapes(cfg)
     missing = [".".join(p) for p in expected if p not in flat]
@@ -103,11 +84,15 @@ def _write_json(path: epath.Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def _read_json(path: epath.Path) -> Any:
+def read_json(path: epath.Path | Path) -> Any:
+    """The JSON value in `path` (local or gs://); a CheckpointError naming the file, and the line
+    where it is malformed, when it cannot be read or parsed."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -134,7 +119,7 @@ def save_params(
     weights folder (e.g. the one training started from), supplies special_tokens.json, hf_config.json
     and tokenizer/ unless given here. model_config.json records the stored dtype as param_dtype when
     all leaves share one."""
-    flat = _flatten(params)
+    flat = traverse_util.flatten_dict(params)
     _check_tree(flat, cfg, str(ckpt_dir))
     save_param_leaves(
         ckpt_dir, ((p, flat[p]) for p in expected_shapes(cfg)), cfg,
@@ -190,7 +175,7 @@ def save_param_leaves(
     if primary:
         source = epath.Path(copy_assets_from) if copy_assets_from else None
         if special_tokens is None and source is not None and (source / SPECIAL_TOKENS).exists():
-            special_tokens = _read_json(source / SPECIAL_TOKENS)
+            special_tokens = read_json(source / SPECIAL_TOKENS)
         if special_tokens is not None:
             unknown = sorted(set(special_tokens) - set(SPECIAL_TOKEN_KEYS))
             if unknown:
@@ -219,7 +204,7 @@ def read_model_config(ckpt_dir: str) -> LlamaConfig:
     if not path.exists():
         raise CheckpointError(f"{ckpt_dir}: no {MODEL_CONFIG} (not a weights folder written by save_params / convert hf-to-jax)")
     try:
-        return LlamaConfig.from_config_dict(_read_json(path))
+        return LlamaConfig.from_config_dict(read_json(path))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -227,12 +212,12 @@ def read_model_config(ckpt_dir: str) -> LlamaConfig:
 def read_special_tokens(ckpt_dir: str) -> dict[str, int | None]:
     """bos/eos/pad/eot token ids recorded with the weights ({} when none were recorded)."""
     path = epath.Path(ckpt_dir) / SPECIAL_TOKENS
-    return _read_json(path) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def read_hf_config(ckpt_dir: str) -> dict[str, Any] | None:
     path = epath.Path(ckpt_dir) / HF_CONFIG
-    return _read_json(path) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def tokenizer_dir(ckpt_dir: str) -> epath.Path | None:
@@ -283,7 +268,7 @@ def load_params(
     elif isinstance(shardings, jax.sharding.Sharding):
         flat_shard = {p: shardings for p in meta}
     else:
-        flat_shard = _flatten(shardings)
+        flat_shard = traverse_util.flatten_dict(shardings)
         if set(flat_shard) != set(meta):
             raise CheckpointError(f"load_params({ckpt_dir}): shardings tree does not match the params tree")
 
@@ -297,7 +282,7 @@ def load_params(
         flat[path] = _restore_leaf(ckpt, root, path, args)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=str(np.dtype(dtype)))
-    return _unflatten(flat), cfg
+    return traverse_util.unflatten_dict(flat), cfg
 
 
 def iter_params(ckpt_dir: str, cfg: LlamaConfig | None = None) -> Iterator[tuple[LeafPath, np.ndarray]]:

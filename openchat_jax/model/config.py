@@ -1,4 +1,4 @@
-"""Model shapes. Field names follow DESIGN.md's logical axes (embed, heads, kv_heads, head_dim, mlp)."""
+"""Model shapes; field names are the logical axes in docs/architecture.md (embed, heads, kv_heads, head_dim, mlp)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from openchat_jax.errors import ConfigError
+from openchat_jax.model.attention import backend_names
 
 REMAT_POLICIES = ("none", "full", "dots", "minimal")
-ATTENTION_BACKENDS = ("xla", "xla_autodiff", "splash", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")  # transformers' rope_type names
 
 
@@ -44,7 +44,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "full"  # one of REMAT_POLICIES
-    attention: str = "xla"  # one of ATTENTION_BACKENDS
+    attention: str = "auto"  # one of attention.backend_names(): auto = splash on TPU, cudnn on GPU, else xla
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -66,8 +66,8 @@ class LlamaConfig:
             )
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: no window)")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ConfigError(f"model.attention={self.attention!r}: choose one of {ATTENTION_BACKENDS}")
+        if self.attention not in backend_names():
+            raise ConfigError(f"model.attention={self.attention!r}: choose one of {backend_names()}")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))

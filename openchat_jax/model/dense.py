@@ -103,9 +103,10 @@ def _dense_bwd(spec: str, residuals, dy: jax.Array):
 def _tokens_last(spec: str, w_spec: str, a: jax.Array) -> tuple[str, jax.Array]:
     """`a` with its axes shared with the weight first and the others (batch, length) last,
     materialised in that order (the barrier keeps XLA from folding the transpose back into the
-    dot). XLA:CPU may still fuse the transpose with a scan's dynamic slice of a saved activation
-    (~17 ms instead of ~2 ms for [4096, 512] f32); a barrier on `a` does not stop it (XLA drops
-    it: same fusions), and saving `a` transposed in the forward was slower (docs/benchmarks.md)."""
+    dot). XLA:CPU may still fuse the transpose with a scan's dynamic slice of a saved activation,
+    a strided copy several times slower than the transpose alone; a barrier on `a` does not stop
+    it (XLA drops it: same fusions), and saving `a` transposed in the forward was slower (figures
+    in docs/benchmarks.md)."""
     order = [i for i, ax in enumerate(spec) if ax in w_spec] + [i for i, ax in enumerate(spec) if ax not in w_spec]
     return "".join(spec[i] for i in order), jax.lax.optimization_barrier(jnp.transpose(a, order))
 

@@ -30,11 +30,13 @@ from typing import Any, Iterator
 import ml_dtypes
 import numpy as np
 from etils import epath
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from openchat_jax.errors import CheckpointError, ConfigError
 from openchat_jax.model import checkpoint_io
+from openchat_jax.model.checkpoint_io import read_json as _read_json
 from openchat_jax.model.config import ROPE_TYPES, LlamaConfig
 from openchat_jax.model.llama import Params
 
@@ -364,19 +366,12 @@ class HFCheckpoint:
             yield path, out
 
     def params(self, *, add_eot: bool = False) -> Params:
-        return checkpoint_io._unflatten(dict(self.leaves(add_eot=add_eot)))
+        return traverse_util.unflatten_dict(dict(self.leaves(add_eot=add_eot)))
 
 
 def _append_mean(w: np.ndarray, axis: int) -> np.ndarray:
     mean = np.mean(w, axis=axis, dtype=np.float32, keepdims=True).astype(w.dtype)
     return np.concatenate([w, mean], axis=axis)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
 
 
 # ----------------------------------------------------------------------------- tokenizer files

@@ -7,7 +7,7 @@ on the same model, batch and optimizer step, on this machine's CPU.
    JAX, ...) so that load from other processes hits both alike; medians are reported, and the
    matmul peak is re-measured after each round (MFU uses the best one). Each side's first
    `settle_steps` steps of a round are run but not timed: the first step after the other
-   framework ran pays for its thread pool and caches (~1 s for JAX on a 2-core VM).
+   framework ran pays for its thread pool and caches (docs/benchmarks.md, `--settle-steps`).
 3. Work per step is the same on both sides: B rows of L tokens, one conversation per row (HF has
    no packing), weighted CE sum(w * CE) / sum(w), backward, global-norm clip 1.0, AdamW update.
 MFU uses the FLOPs formula of openchat_jax.train.flops (model FLOPs, not counting remat). Our
@@ -32,7 +32,7 @@ from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import flops as flops_lib
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train.optimizer import make_optimizer
-from openchat_jax.train.step import init_train_state, loss_options, make_train_step
+from openchat_jax.train.step import build_step, init_train_state
 
 
 def bench_batch(rng: np.random.Generator, batch_size: int, seq_len: int, vocab_size: int) -> dict[str, np.ndarray]:
@@ -55,8 +55,7 @@ class JaxStep:
         self.mesh = mesh_lib.make_mesh(mesh_cfg)
         tx, schedule, _ = make_optimizer(train_cfg, total_steps=1000, tokens_per_step=B * L)
         self.state = init_train_state(model_cfg, tx, self.mesh, seed)
-        self.step = make_train_step(model_cfg, tx, schedule, self.mesh, num_classes=2, micro_batches=train_cfg.micro_batches,
-                                    **loss_options(train_cfg, L))
+        self.step = build_step(model_cfg, train_cfg, tx, schedule, self.mesh, num_classes=2, seq_len=L)
         self.batch = mesh_lib.global_batch(batch, self.mesh)
         t0 = time.perf_counter()
         self.compiled = self.step.lower(self.state, self.batch).compile()

@@ -57,7 +57,7 @@ def train_defaults() -> ml_collections.ConfigDict:
         "fused_head_loss": True,
         # > 0: the fused head loss walks each row in chunks of at most this many positions (the
         # largest divisor of the row length not above it), bounding its [B, chunk, V] temporaries;
-        # 0 = whole rows. (128 measured fastest on a 2-core CPU at L=512: docs/benchmarks.md.)
+        # 0 = whole rows. (docs/benchmarks.md compares chunk lengths.)
         "loss_chunk_length": 512,
         # The fused head loss (with chunks) computes no logits for tokens of weight 0 (prompts,
         # padding): each batch shard's tokens go supervised-first and the chunks past the last

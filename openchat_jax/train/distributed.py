@@ -8,6 +8,8 @@ train loop polls between steps, so a preempted run saves a checkpoint and exits 
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import signal
 import threading
@@ -19,20 +21,24 @@ from openchat_jax.errors import ConfigError
 
 
 def _on_cluster() -> bool:
-    """True where jax.distributed can configure itself: SLURM with several tasks, Cloud TPU VMs
-    (pod slices read the worker list from the metadata server, not the environment), GKE, MPI."""
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1)
-    if slurm_tasks > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+    """True where jax.distributed can configure itself: SLURM with several tasks, Open MPI, GKE TPU
+    jobs, multislice, Kubernetes with the `kubernetes` client, and Cloud TPU VMs (a pod slice reads
+    its worker list from the metadata server, not the environment). JAX's own detectors are private
+    (jax._src.clusters), so these are the signals they read, checked here; SLURM with one task is
+    left single-process, where JAX would start a one-process coordinator."""
+    env = os.environ
+    slurm_tasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1)
+    if slurm_tasks > 1:
         return True
-    try:  # JAX's own detectors (private API: fall back to the checks above if it moves)
-        from jax._src.clusters import ClusterEnv
-
-        return any(
-            env.is_env_present() for env in ClusterEnv._cluster_types
-            if not getattr(env, "opt_in_only_method", False) and env.__name__ != "SlurmCluster"
-        )
-    except Exception:  # noqa: BLE001
+    if any(k in env for k in ("MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "OMPI_MCA_orte_hnp_uri")):
+        return True
+    if "KUBERNETES_SERVICE_HOST" in env and importlib.util.find_spec("kubernetes") is not None:
+        return True
+    # A Cloud TPU VM exposes its chips as /dev/accel* (v2-v4) or /dev/vfio/<n> (v5e and later);
+    # TPU_SKIP_MDS_QUERY says there is no metadata server to ask (JAX then skips it too).
+    if "TPU_SKIP_MDS_QUERY" in env:
         return False
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def initialize(

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 
 from openchat_jax.model.config import LlamaConfig
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets) by jax `device_kind` substring.
+# Dense bf16 peak FLOP/s per device by jax `device_kind` substring, the first match wins (vendor
+# pages, checked 2025: cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e; NVIDIA's H100/H200 SXM5
+# datasheets give 989 TFLOP/s dense bf16, 1979 with 2:4 sparsity; A100 312). `plan`'s chips read it.
 PEAK_FLOPS_BY_KIND = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,

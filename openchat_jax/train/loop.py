@@ -42,7 +42,7 @@ from openchat_jax.train.loss import BATCH_KEYS
 from openchat_jax.train.metrics import MetricsWriter, ProgressBar, named_scalars
 from openchat_jax.train.optimizer import make_optimizer
 from openchat_jax.train.step import (
-    StepFn, TrainState, abstract_train_state, init_train_state, loss_options, make_train_step,
+    StepFn, TrainState, abstract_train_state, build_step, init_train_state,
 )
 
 log = logging.getLogger(__name__)
@@ -280,10 +280,7 @@ def build_run(
             f"or prepare the data with data.max_length <= {model_cfg.max_position_embeddings}"
         )
     tx, schedule, peak_lr = make_optimizer(config.train, total_steps, B * seq_len)
-    step_fn = make_train_step(
-        model_cfg, tx, schedule, mesh, num_classes=len(class_names), micro_batches=M, weighted=config.train.weighted,
-        **loss_options(config.train, seq_len),
-    )
+    step_fn = build_step(model_cfg, config.train, tx, schedule, mesh, num_classes=len(class_names), seq_len=seq_len)
     return Run(
         config=config, model_cfg=model_cfg, mesh=mesh, loader=loader, dataset_info=info, class_names=class_names,
         seq_len=seq_len, global_batch_size=B, total_steps=total_steps, tx=tx, schedule=schedule, peak_lr=peak_lr,

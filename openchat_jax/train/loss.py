@@ -15,13 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from openchat_jax.data.loader import BATCH_KEYS  # noqa: F401  (the batch the train step reads)
 from openchat_jax.model.llama import lm_head
 from openchat_jax.model.partitioning import constrain, shard_count
 
 Sums = dict[str, jax.Array]
-
-# Keys of a batch the train step reads; every array is [B, L].
-BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions", "class_ids")
 
 
 LOSS_NORMALIZATIONS = ("token", "message")

@@ -21,10 +21,10 @@ from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import param_logical_axes, param_shapes
 from openchat_jax.model.partitioning import Rules, logical_to_spec
+from openchat_jax.train.mesh_spec import MESH_AXES
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_MESH_AXES = ("data", "fsdp")
 
 # The one table: logical axis -> mesh axis (or axes, or None = replicated). A mesh axis is used at

@@ -3,7 +3,7 @@ devices and report per-device memory, FLOPs per step, and step time at a stated 
 
 Nothing is allocated: the train state and the batch are `jax.ShapeDtypeStruct`s with their
 shardings (the optimizer state from `jax.eval_shape(tx.init, ...)`), and the real jitted step
-(`train.step.make_train_step`, the same micro-batch scan, remat policy and donation) is lowered and
+(`train.step.build_step`, the same micro-batch scan, remat policy and donation) is lowered and
 compiled for them.
 
 Where each number comes from:
@@ -40,13 +40,13 @@ from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.dense import accelerator_layout
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import step as step_lib
-from openchat_jax.train.flops import flops_per_token
+from openchat_jax.train.flops import PEAK_FLOPS_BY_KIND, flops_per_token
 from openchat_jax.train.loss import BATCH_KEYS
 from openchat_jax.train.optimizer import make_optimizer
 
 GiB = 1024**3
 
-# Llama-2's 32000 tokens + <|end_of_turn|> (DESIGN.md): the vocabulary when the config leaves it
+# Llama-2's 32000 tokens + <|end_of_turn|> (docs/architecture.md): the vocabulary when the config leaves it
 # to the dataset (model.vocab_size <= 0).
 DEFAULT_VOCAB_SIZE = 32001
 # The schedule's length does not change the compiled program; any positive count will do.
@@ -62,20 +62,19 @@ class Chip:
     note: str
 
 
-# Sources (vendor pages, checked 2025):
-#   TPU v4:  cloud.google.com/tpu/docs/v4 - 275 TFLOP/s bf16, 32 GiB HBM2 per chip (2 TensorCores
-#            shown to JAX as one device; "v4-64" = 64 cores = 32 chips = 32 devices).
-#   TPU v5e: cloud.google.com/tpu/docs/v5e - 197 TFLOP/s bf16, 16 GiB HBM2 per chip.
-#   TPU v5p: cloud.google.com/tpu/docs/v5p - 459 TFLOP/s bf16, 95 GiB HBM2e per chip
-#            ("v5p-64" = 32 chips: v5p names count TensorCores, 2 per chip).
-#   H100:    NVIDIA H100 Tensor Core GPU datasheet, SXM5 - 989 TFLOP/s dense bf16 (1979 with
-#            2:4 sparsity), 80 GB HBM3. The launch scripts give XLA 90% of it
-#            (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9, launch/gpu_node.sh).
+# Peak FLOP/s: train/flops.py's table. HBM per chip (vendor pages, checked 2025):
+#   TPU v4:  cloud.google.com/tpu/docs/v4 - 32 GiB HBM2 per chip (2 TensorCores shown to JAX as one
+#            device; "v4-64" = 64 cores = 32 chips = 32 devices).
+#   TPU v5e: cloud.google.com/tpu/docs/v5e - 16 GiB HBM2 per chip.
+#   TPU v5p: cloud.google.com/tpu/docs/v5p - 95 GiB HBM2e per chip ("v5p-64" = 32 chips: v5p names
+#            count TensorCores, 2 per chip).
+#   H100:    NVIDIA H100 Tensor Core GPU datasheet, SXM5 - 80 GB HBM3. The launch scripts give XLA
+#            90% of it (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9, launch/gpu_node.sh).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1.0, "v4-N slices have N/2 chips (N counts TensorCores)"),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 1.0, "v5litepod-N slices have N chips"),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 1.0, "v5p-N slices have N/2 chips (N counts TensorCores)"),
-    "h100": Chip("NVIDIA H100 SXM", 989e12, 80 * GiB, 0.9, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 in the launch scripts"),
+    "v4": Chip("TPU v4", PEAK_FLOPS_BY_KIND["TPU v4"], 32 * GiB, 1.0, "v4-N slices have N/2 chips (N counts TensorCores)"),
+    "v5e": Chip("TPU v5e", PEAK_FLOPS_BY_KIND["TPU v5e"], 16 * GiB, 1.0, "v5litepod-N slices have N chips"),
+    "v5p": Chip("TPU v5p", PEAK_FLOPS_BY_KIND["TPU v5p"], 95 * GiB, 1.0, "v5p-N slices have N/2 chips (N counts TensorCores)"),
+    "h100": Chip("NVIDIA H100 SXM", PEAK_FLOPS_BY_KIND["H100"], 80 * GiB, 0.9, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 in the launch scripts"),
 }
 
 
@@ -208,9 +207,11 @@ def model_config_for_plan(config: ml_collections.ConfigDict) -> tuple[LlamaConfi
             f"model.vocab_size <= 0 (taken from the dataset at train time): planned with {DEFAULT_VOCAB_SIZE} "
             "(Llama-2 + <|end_of_turn|>); override with --config.model.vocab_size=N"
         )
-    if model.get("attention", "xla") != "xla":
+    if model.get("attention", "auto") != "xla":
+        kernel = "selects an accelerator kernel (splash on TPU, cudnn on GPU)" if model.get("attention", "auto") == "auto" \
+            else "is an accelerator kernel"
         notes.append(
-            f"model.attention={model['attention']!r} is an accelerator kernel that XLA:CPU cannot compile: "
+            f"model.attention={model.get('attention', 'auto')!r} {kernel} that XLA:CPU cannot compile: "
             "planned with 'xla', which materialises the [heads, L, L] scores of a layer: the temporaries "
             "include buffers the kernel does not need"
         )
@@ -250,10 +251,7 @@ def xla_flops_per_step(
     for layers in (1, 2):
         cfg = model_cfg.replace(num_layers=layers, scan_layers=False)
         tx, schedule, _ = make_optimizer(config.train, _PLACEHOLDER_STEPS, B * L)
-        fn = step_lib.make_train_step(
-            cfg, tx, schedule, mesh, num_classes=num_classes, micro_batches=1, weighted=config.train.weighted,
-            **step_lib.loss_options(config.train, L),
-        )
+        fn = step_lib.build_step(cfg, config.train, tx, schedule, mesh, num_classes=num_classes, seq_len=L, micro_batches=1)
         flops = _lowered_flops(fn.lower(step_lib.abstract_train_state(cfg, tx, mesh), abstract_batch(B, L, mesh)))
         if flops is None:
             return None
@@ -346,10 +344,7 @@ def _plan_step(
     opt_bytes = per_device_bytes(state["opt_state"])
     grads_bytes = params_bytes  # same shapes and shardings, accumulated in the param dtype
 
-    fn = step_lib.make_train_step(
-        model_cfg, tx, schedule, mesh, num_classes=num_classes, micro_batches=M, weighted=config.train.weighted,
-        **step_lib.loss_options(config.train, L),
-    )
+    fn = step_lib.build_step(model_cfg, config.train, tx, schedule, mesh, num_classes=num_classes, seq_len=L)
     t0 = time.perf_counter()
     lowered = fn.lower(state, batch)
     lower_s = time.perf_counter() - t0

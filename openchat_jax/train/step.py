@@ -82,8 +82,8 @@ def init_train_state(
 
 
 def _init_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
-    # Init runs once, and on CPU compiling its random-normal kernels dominates start-up (~5x
-    # faster without LLVM optimisation); accelerators keep their defaults.
+    # Init runs once, and on CPU compiling its random-normal kernels dominates start-up unless LLVM
+    # optimisation is off (docs/benchmarks.md); accelerators keep their defaults.
     return {"xla_backend_optimization_level": 0} if mesh.devices.flat[0].platform == "cpu" else None
 
 
@@ -113,15 +113,6 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
         return constrain(x, (None, "batch", "length"))
 
     return {k: split(v) for k, v in batch.items()}
-
-
-def batch_loss(params: Any, model_cfg: LlamaConfig, batch: Batch, num_classes: int, weighted: bool = True,
-               loss_normalization: str = "token") -> tuple[jax.Array, dict]:
-    """The objective on one batch, no accumulation: (sum(w*CE)/sum(w), sums). For tests/eval."""
-    logits = forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"])
-    w = token_weights(batch["weights"], weighted, loss_normalization)
-    sums = loss_sums(logits, batch["targets"], w, batch["class_ids"], num_classes)
-    return sums["wce"] / sums["weight"], sums
 
 
 def _gather_embedding(params: Any) -> Any:
@@ -235,6 +226,27 @@ def loss_options(train_cfg: Any, seq_len: int) -> dict[str, Any]:
         raise ConfigError(f"train.loss_normalization={normalization!r} must be one of {list(LOSS_NORMALIZATIONS)}")
     return {"fused_head": bool(train_cfg.get("fused_head_loss", True)), "loss_chunk_length": chunk,
             "skip_unsupervised_logits": skip, "loss_normalization": normalization}
+
+
+def build_step(
+    model_cfg: LlamaConfig,
+    train_cfg: Any,
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    mesh: Mesh,
+    *,
+    num_classes: int,
+    seq_len: int,
+    micro_batches: int | None = None,
+) -> StepFn:
+    """The train step a run's `config.train` describes (its micro-batches, `weighted` and the loss
+    implementation fields of `loss_options`); the one builder for train, plan and bench.
+    `micro_batches` overrides the config's (plan counts FLOPs at 1)."""
+    return make_train_step(
+        model_cfg, tx, schedule, mesh, num_classes=num_classes,
+        micro_batches=train_cfg.micro_batches if micro_batches is None else micro_batches,
+        weighted=train_cfg.get("weighted", True), **loss_options(train_cfg, seq_len),
+    )
 
 
 def make_train_step(

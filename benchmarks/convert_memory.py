@@ -1,6 +1,6 @@
 """Benchmark: time and peak host memory of `convert hf-to-jax` and `convert jax-to-hf`.
 
-    python -m openchat_jax.model.convert_bench --embed 1024 --mlp 2816 --layers 8 --dtype float32
+    python benchmarks/convert_memory.py --embed 1024 --mlp 2816 --layers 8 --dtype float32
 
 Writes a random HF Llama checkpoint (no torch) into a temporary folder, runs each direction in its
 own process (so peak RSS is that command's alone) and prints seconds, peak RSS and the model's
