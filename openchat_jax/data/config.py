@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from openchat_jax.data.template import PLAIN_CONDITION, ConvClass
+from openchat_jax.data.template import DEFAULT_FAMILY, FAMILIES, PLAIN_CONDITION, ConvClass
 from openchat_jax.errors import ConfigError
 
 # ShareGPT / OpenAI / OpenChat role names -> "user" | "assistant" | "system". A role not listed
@@ -58,6 +58,8 @@ def data_defaults() -> ml_collections.ConfigDict:
         "max_length": 4096,  # truncation length (keeps the start); also the packing row length
         "dataset_dir": "",  # where `prepare` writes the TFDS/ArrayRecord dataset and report.json
         "num_workers": 0,  # tokenization processes; 0 = one per CPU core
+        # Template family: openchat_v3.2 (Llama-2), openchat_3.5 (Mistral), openchat_3.6 (Llama-3).
+        "template": DEFAULT_FAMILY,
     })
 
 
@@ -78,6 +80,7 @@ class DataSpec:
     max_length: int
     dataset_dir: Path
     num_workers: int
+    template: str = DEFAULT_FAMILY
 
     def class_for_label(self, label: str | None) -> int | None:
         if label is not None and label in self.label_to_class:
@@ -192,6 +195,9 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
     num_workers = data.get("num_workers", 0)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+    template = str(data.get("template", DEFAULT_FAMILY))
+    if template not in FAMILIES:
+        raise ConfigError(f"data.template = {template!r}: known templates are {sorted(FAMILIES)}")
     if need_files:
         if not data.get("tokenizer"):
             raise ConfigError("data.tokenizer is empty: give a tokenizer folder or hub name")
@@ -211,4 +217,5 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
         max_length=max_length,
         dataset_dir=Path(str(data.get("dataset_dir") or ".")),
         num_workers=num_workers,
+        template=template,
     )

@@ -81,6 +81,27 @@ def find_classes(ckpt_dir: str | Path, classes_from: str | Path | None = None) -
     return None if found is None else found[0]
 
 
+def find_template(ckpt_dir: str | Path, classes_from: str | Path | None = None) -> str:
+    """The template family the class file records (training's classes.json, dataset_info.json);
+    the default family when there is none or it does not say."""
+    from openchat_jax.data.template import DEFAULT_FAMILY, template_family
+
+    path = Path(classes_from) if classes_from is not None else Path(ckpt_dir)
+    if path.is_dir():
+        path = next((path / n for n in CLASS_FILES if (path / n).is_file()), path / CLASS_FILES[0])
+    if not path.is_file():
+        return DEFAULT_FAMILY
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    name = obj.get("template", DEFAULT_FAMILY) if isinstance(obj, dict) else DEFAULT_FAMILY
+    try:
+        return template_family(str(name)).name
+    except Exception as e:  # noqa: BLE001 - an unknown name, said with the file
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def choose_class(classes: Sequence[ConvClass], name: str | None = None,
                  inference_condition: str | None = None) -> ConvClass:
     """The named class; else the recorded inference condition's class; else the one with the
