@@ -1,4 +1,6 @@
-"""The one conversation template, used for training examples and for inference prompts.
+"""The conversation template, used for training examples, inference prompts and the exported chat
+template. `data.template` picks a family (`FAMILIES`): openchat_v3.2 (below), openchat_3.5 (the same
+layout, "GPT4 Correct User:") or openchat_3.6 (Llama-3 header tokens, see `TemplateFamily`).
 
 Token sequence (OpenChat V3.2 / C-RLFT, `ochat/config/conversation_template.py`):
 
