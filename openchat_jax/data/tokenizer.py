@@ -231,8 +231,11 @@ def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> Path:
     tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
     config_path = out_dir / TOKENIZER_CONFIG
     config = _read_json(config_path)
-    config["tokenizer_class"] = SENTENCEPIECE_CLASS if is_sentencepiece(tokenizer) else FILE_PIPELINE_CLASS
-    config.pop("legacy", None) if not is_sentencepiece(tokenizer) else config.update(legacy=True)
+    if is_sentencepiece(tokenizer):
+        config.update(tokenizer_class=SENTENCEPIECE_CLASS, legacy=True)  # legacy: SentencePiece's own dummy prefix
+    else:
+        config["tokenizer_class"] = FILE_PIPELINE_CLASS
+        config.pop("legacy", None)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     check_saved_tokenizer(tokenizer, out_dir)
     return out_dir
