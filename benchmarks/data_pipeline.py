@@ -6,7 +6,7 @@ For each sequence length L (default 4096 and 2048): `prepare` with data.max_leng
 CPU time of this process and its workers, machine load), then the packing of one epoch into rows
 of L: the share of row slots holding real tokens (rows only, and with the last global batch
 filled up with empty rows at the given tokens per step), and the loader's speed over some batches.
-Finally the HF chat template vs `build_prompt` on real conversations.
+Finally the exported tokenizer and chat template vs the tokenizer file, on real conversations.
 """
 
 from __future__ import annotations
@@ -75,36 +75,66 @@ def bench_length(config_path: str, seq_len: int, out: Path, tokens_per_step: int
 
 
 def chat_template_agreement(config_path: str, limit: int) -> dict:
+    """The exported folder (`write_chat_files`, loaded by AutoTokenizer) against the tokenizer file
+    itself: per message, AutoTokenizer's ids vs `tokenizers.Tokenizer.from_file` on the message; per
+    conversation (up to its last user message), `apply_chat_template` and `build_prompt` vs the
+    template assembled from the file's piecewise ids. AutoTokenizer on the source folder is counted
+    too (transformers rebuilds Llama's pipeline)."""
+    import tempfile
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
     from openchat_jax.data.config import validate
     from openchat_jax.data.readers import read_conversations
-    from openchat_jax.data.template import build_prompt, render_chat_template
-    from openchat_jax.data.tokenizer import load_tokenizer
+    from openchat_jax.data.template import build_prompt
+    from openchat_jax.data.tokenizer import load_tokenizer, tokenizer_folder
+    from openchat_jax.infer.export import write_chat_files
 
     spec = validate(load_config(config_path).data)
-    tokenizer, eot = load_tokenizer(spec.tokenizer)
-    tokenizer.chat_template = render_chat_template("GPT4")
+    folder = tokenizer_folder(spec.tokenizer)
+    file = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+    def enc(text: str) -> list[int]:
+        return file.encode(text, add_special_tokens=False).ids
+
+    tokenizer, eot = load_tokenizer(folder)
+    bos = tokenizer.bos_token_id
     convs = read_conversations(spec).conversations[:limit]
-    same = special_text = 0
-    for conv in convs:
-        history = list(conv.messages[:-1])  # up to the last user message
-        msgs = ([{"role": "system", "content": conv.system}] if conv.system else []) + [
-            {"role": m.role, "content": m.content} for m in history]
-        ours = build_prompt(tokenizer, eot, history, conv.system, "GPT4")
-        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        hf = list(out["input_ids"] if not isinstance(out, list) else out)
-        if hf == ours:
-            same += 1
-        elif any(s in m["content"] for m in msgs for s in ("<s>", "</s>", "<unk>", "<|end_of_turn|>")):
-            special_text += 1  # the one known difference: HF parses special-token text in messages
+    texts = [m.content for c in convs for m in c.messages] + [c.system for c in convs if c.system]
+    expected = [enc(t) for t in texts]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_chat_files(tmp, tokenizer, eot, "GPT4")
+        exported = AutoTokenizer.from_pretrained(tmp)
+        rebuilt = AutoTokenizer.from_pretrained(str(folder))
+        message_same = sum(list(exported(t, add_special_tokens=False)["input_ids"]) == e for t, e in zip(texts, expected))
+        rebuilt_same = sum(list(rebuilt(t, add_special_tokens=False)["input_ids"]) == e for t, e in zip(texts, expected))
+        same = built_same = special_text = 0
+        for conv in convs:
+            history = list(conv.messages[:-1])
+            msgs = [{"role": m.role, "content": m.content} for m in history]
+            ref = [bos] + ((enc(conv.system) + [eot]) if conv.system else [])
+            for m in msgs:
+                ref += enc("GPT4 " + ("User:" if m["role"] == "user" else "Assistant:")) + enc(m["content"]) + [eot]
+            ref += enc("GPT4 Assistant:")
+            built_same += build_prompt(tokenizer, eot, history, conv.system, "GPT4") == ref
+            full = ([{"role": "system", "content": conv.system}] if conv.system else []) + msgs
+            hf = list(exported.apply_chat_template(full, add_generation_prompt=True, tokenize=True, return_dict=False))
+            if hf == ref:
+                same += 1
+            elif any(s in m["content"] for m in full for s in ("<s>", "</s>", "<unk>", "<|end_of_turn|>")):
+                special_text += 1  # the one known difference: HF parses special-token text in messages
     return {"conversations": len(convs), "identical_ids": same, "differ_special_token_text": special_text,
-            "differ_other": len(convs) - same - special_text}
+            "differ_other": len(convs) - same - special_text, "build_prompt_identical": built_same,
+            "messages": len(texts), "export_messages_identical": message_same,
+            "source_autotokenizer_messages_identical": rebuilt_same}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/data_sharegpt.py")
     parser.add_argument("--out", default="/tmp/openchat_bench")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 2048])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 2048], help="none: only the template check")
     parser.add_argument("--tokens-per-step", type=int, default=196608, help="global batch = this // L rows")
     parser.add_argument("--workers", type=int, default=0, help="tokenization processes (0 = CPU count)")
     parser.add_argument("--template-check", type=int, default=2000, help="conversations (0 = skip)")
@@ -118,6 +148,7 @@ def main() -> None:
     if args.template_check:
         results["chat_template"] = chat_template_agreement(args.config, args.template_check)
         print(json.dumps(results["chat_template"]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "data_pipeline_results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -102,7 +102,7 @@ def test_a_tokenizer_saved_by_transformers_exports_exactly(tiny_tokenizer_dir, t
 
 def test_a_wrong_template_is_caught(tiny_tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
     tok, eot = load_tokenizer(tiny_tokenizer_dir)
-    monkeypatch.setattr(export, "render_chat_template", lambda c: "{{ bos_token }}{% for m in messages %}"
+    monkeypatch.setattr(export, "render_chat_template", lambda c, f: "{{ bos_token }}{% for m in messages %}"
                         "{{ m['content'] }}{% endfor %}")
     with pytest.raises(CheckpointError, match="does not reproduce the training template"):
         write_chat_files(tmp_path, tok, eot, "GPT4")

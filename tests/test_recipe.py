@@ -17,7 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
 

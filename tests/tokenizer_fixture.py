@@ -114,3 +114,37 @@ def build_sentencepiece_tokenizer(out_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def sentencepiece_tokenizer_dir(tmp_path_factory) -> Path:
     return build_sentencepiece_tokenizer(tmp_path_factory.mktemp("sp_tokenizer") / "tok")
+
+
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# Llama-3's pre-tokenizer split (tokenizer.json of Meta-Llama-3-8B).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def build_llama3_style_tokenizer(out_dir: Path) -> Path:
+    """A tiny byte-level BPE with Llama-3's pipeline (regex split + ByteLevel, no dummy prefix) and
+    its special tokens (header tokens, `<|eot_id|>`), trained here on the fixed corpus."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=list(LLAMA3_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = CORPUS + ["\n\n".join(CORPUS), "GPT4 Correct User: GPT4 Correct Assistant: System\n\n"]
+    tok.train_from_iterator([line for _ in range(3) for line in text], trainer)
+    bos = tok.token_to_id(LLAMA3_SPECIALS[0])
+    tok.post_processor = processors.TemplateProcessing(single=f"{LLAMA3_SPECIALS[0]} $A",
+                                                       special_tokens=[(LLAMA3_SPECIALS[0], bos)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": LLAMA3_SPECIALS[0], "eos_token": LLAMA3_SPECIALS[1], "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False, "model_max_length": 8192}, indent=1))
+    return out_dir

@@ -6,6 +6,8 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from openchat_jax.data.template import FAMILIES
+
     parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and JAX")
     sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
 
@@ -33,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--condition-text", help="a literal template prefix instead of a class, e.g. GPT4")
     chat.add_argument("--classes-from", help="classes.json / dataset_info.json, or a folder holding one")
     chat.add_argument("--tokenizer", help="tokenizer folder for the chat files (default: CKPT/tokenizer)")
+    chat.add_argument("--template", choices=list(FAMILIES),
+                      help="template family (default: the one CKPT/classes.json records, else openchat_v3.2)")
     to_hf.set_defaults(func=_jax_to_hf)
 
 
@@ -70,7 +74,7 @@ def _chat_files(args: argparse.Namespace) -> str:
         return "no classes recorded, so no chat template (pass --condition-text GPT4 or --classes-from DIR)"
     condition = export_chat_files(
         args.ckpt, args.out, class_name=args.condition, condition_text=args.condition_text,
-        classes_from=args.classes_from, tokenizer_path=args.tokenizer,
+        classes_from=args.classes_from, tokenizer_path=args.tokenizer, template=args.template,
     )
     if condition is None:
         why = "no tokenizer (no CKPT/tokenizer/, no --tokenizer) or no <|end_of_turn|> row in the model (convert with --add-eot)"

@@ -10,6 +10,8 @@ from openchat_jax.errors import ConfigError
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by `generate` and `chat`."""
+    from openchat_jax.data.template import FAMILIES
+
     parser.add_argument("--ckpt", required=True, help="weights folder (training output or convert hf-to-jax)")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub name (default: CKPT/tokenizer)")
     parser.add_argument("--condition", help="class whose template prefix to use (default: the highest weight)")
@@ -24,6 +26,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, help="max prompt + answer tokens (default: the model's)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="compute dtype (default: the one model_config.json records)")
+    parser.add_argument("--template", choices=list(FAMILIES),
+                        help="template family (default: the one CKPT/classes.json records, else openchat_v3.2)")
     parser.add_argument("--mesh", help="run on a device mesh, e.g. fsdp=-1 or data=2,tensor=4 "
                         "(default: one device)")
 
@@ -49,7 +53,8 @@ def load(args: argparse.Namespace):
     conv_class = resolve_condition(args.ckpt, class_name=args.condition, condition_text=args.condition_text,
                                    classes_from=args.classes_from)
     mesh, rules = _mesh(args.mesh)
-    model = load_chat_model(args.ckpt, tokenizer_path=args.tokenizer, mesh=mesh, rules=rules, dtype=args.dtype)
+    model = load_chat_model(args.ckpt, tokenizer_path=args.tokenizer, mesh=mesh, rules=rules, dtype=args.dtype,
+                            template=args.template)
     return model, conv_class, sampling
 
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from openchat_jax.data.template import PLAIN_CONDITION, ConvClass
+from openchat_jax.data.template import DEFAULT_FAMILY, FAMILIES, PLAIN_CONDITION, ConvClass
 from openchat_jax.errors import ConfigError
 
 # ShareGPT / OpenAI / OpenChat role names -> "user" | "assistant" | "system", matched
@@ -68,6 +68,8 @@ def data_defaults() -> ml_collections.ConfigDict:
         "max_length": 4096,  # truncation length (keeps the start); also the packing row length
         "dataset_dir": "",  # where `prepare` writes the TFDS/ArrayRecord dataset and report.json
         "num_workers": 0,  # tokenization processes; 0 = one per CPU core
+        # Template family: openchat_v3.2 (Llama-2), openchat_3.5 (Mistral), openchat_3.6 (Llama-3).
+        "template": DEFAULT_FAMILY,
     })
 
 
@@ -92,6 +94,7 @@ class DataSpec:
     label_match: Mapping[str, str] = field(default_factory=dict)
     allow_empty_classes: bool = False
     mask_phrases: tuple[str, ...] = ()  # case-folded
+    template: str = DEFAULT_FAMILY
 
     def class_for_label(self, label: str | None) -> int | None:
         return self.match_label(label)[0]
@@ -207,6 +210,9 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
     mask_file = str(data.get("mask_phrases_file", "") or "")
+    template = str(data.get("template", DEFAULT_FAMILY))
+    if template not in FAMILIES:
+        raise ConfigError(f"data.template = {template!r}: known templates are {sorted(FAMILIES)}")
     if need_files:
         if not data.get("tokenizer"):
             raise ConfigError("data.tokenizer is empty: give a tokenizer folder or hub name")
@@ -229,6 +235,7 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
         label_match=label_match,
         allow_empty_classes=bool(data.get("allow_empty_classes", False)),
         mask_phrases=read_mask_phrases(mask_file) if need_files and mask_file else (),
+        template=template,
     )
 
 

@@ -27,7 +27,9 @@ import numpy as np
 
 from openchat_jax.data.config import DataSpec, validate
 from openchat_jax.data.readers import Skip, read_conversations
-from openchat_jax.data.template import ConvClass, Conversation, Example, TemplateBuilder, render_chat_template
+from openchat_jax.data.template import (
+    DEFAULT_FAMILY, ConvClass, Conversation, Example, TemplateBuilder, render_chat_template, template_family,
+)
 from openchat_jax.data.tokenizer import load_tokenizer
 from openchat_jax.errors import ConfigError, DataError
 
@@ -41,10 +43,11 @@ log = logging.getLogger(__name__)
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_path: str | None, classes: Sequence[ConvClass], max_length: int) -> None:
+def _init_worker(tokenizer_path: str | None, classes: Sequence[ConvClass], max_length: int,
+                 template: str = DEFAULT_FAMILY) -> None:
     if tokenizer_path is not None:  # spawned worker: load its own tokenizer
-        tokenizer, eot_id = load_tokenizer(tokenizer_path)
-        _worker["builder"] = TemplateBuilder(tokenizer, eot_id)
+        tokenizer, eot_id = load_tokenizer(tokenizer_path, template_family(template).eot_token)
+        _worker["builder"] = TemplateBuilder(tokenizer, eot_id, template)
     _worker["classes"], _worker["max_length"] = list(classes), max_length
 
 
@@ -64,7 +67,7 @@ def _tokenized(spec: DataSpec, tokenizer, eot_id: int, convs: list[Conversation]
     """Examples in input order; `num_workers > 1` tokenizes in worker processes."""
     workers = spec.num_workers or os.cpu_count() or 1
     pairs = list(zip(convs, class_ids))
-    builder = TemplateBuilder(tokenizer, eot_id)
+    builder = TemplateBuilder(tokenizer, eot_id, spec.template)
     if workers <= 1 or len(pairs) <= CHUNK:
         _worker["builder"] = builder
         _init_worker(None, spec.classes, spec.max_length)
@@ -77,7 +80,7 @@ def _tokenized(spec: DataSpec, tokenizer, eot_id: int, convs: list[Conversation]
         _worker["builder"] = builder
         init_args = (None, spec.classes, spec.max_length)
     else:
-        init_args = (spec.tokenizer, spec.classes, spec.max_length)
+        init_args = (spec.tokenizer, spec.classes, spec.max_length, spec.template)
     ctx = multiprocessing.get_context(method)
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process (inherited at start)
@@ -148,7 +151,7 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False, overwrit
     t0 = time.perf_counter()
     spec = validate(data)
     dataset_dir = spec.dataset_dir
-    tokenizer, eot_id = load_tokenizer(spec.tokenizer)
+    tokenizer, eot_id = load_tokenizer(spec.tokenizer, template_family(spec.template).eot_token)
     _check_output_dir(dataset_dir, overwrite)
     created = [d for d in (dataset_dir, *dataset_dir.parents) if not d.exists()][1:]
     dataset_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +250,8 @@ def _prepare_into(work: Path, spec: DataSpec, tokenizer, eot_id: int, *, progres
         "conditioned": spec.conditioned,
         "inference_class": names[best],
         "inference_condition": inference_condition,
-        "chat_template": render_chat_template(inference_condition),
+        "template": spec.template,
+        "chat_template": render_chat_template(inference_condition, spec.template),
         "eot_id": eot_id,
         "bos_id": tokenizer.bos_token_id,
         "pad_id": int(pad_id),

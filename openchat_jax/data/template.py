@@ -1,4 +1,6 @@
-"""The one conversation template, used for training examples and for inference prompts.
+"""The conversation template, used for training examples, inference prompts and the exported chat
+template. `data.template` picks a family (`FAMILIES`): openchat_v3.2 (below), openchat_3.5 (the same
+layout, "GPT4 Correct User:") or openchat_3.6 (Llama-3 header tokens, see `TemplateFamily`).
 
 Token sequence (OpenChat V3.2 / C-RLFT, `ochat/config/conversation_template.py`):
 
@@ -47,6 +49,52 @@ ROLE_NAMES = {"user": "User:", "assistant": "Assistant:"}
 
 
 @dataclass(frozen=True)
+class TemplateFamily:
+    """How one release of OpenChat lays a conversation out (`data.template`).
+
+    A role prefix is `"{condition} {role name}"` (stripped); with `header` it sits between the two
+    header tokens and `separator` follows, as its own piece. `eot_token` ends every turn; it is a new
+    token (`<|end_of_turn|>`, added by load_tokenizer) or one the tokenizer already has. With
+    `strip_messages` message texts are stripped of surrounding whitespace first (a byte-level BPE has
+    no SentencePiece "▁" to separate a message from its prefix; the header's separator does, and a
+    stripped message tokenizes the same after it as on its own). `system_name`: a system text gets
+    its own header with this role name (None: the text stands alone before its end of turn)."""
+
+    name: str
+    role_names: Mapping[str, str]
+    eot_token: str = EOT_TOKEN
+    header: tuple[str, str] | None = None
+    separator: str = ""
+    strip_messages: bool = False
+    system_name: str | None = None
+
+    def role_prefix(self, role: str, condition: str) -> str:
+        if role == "system":
+            return self.system_name or ""
+        return f"{condition} {self.role_names[role]}".strip()
+
+
+FAMILIES = {f.name: f for f in (
+    # OpenChat V3.2 (Llama-2): "GPT4 User: ...<|end_of_turn|>GPT4 Assistant:".
+    TemplateFamily("openchat_v3.2", ROLE_NAMES),
+    # OpenChat 3.5 (Mistral): the V3.2 layout, every prefix "{condition} Correct ...": "GPT4 Correct User:".
+    TemplateFamily("openchat_3.5", {"user": "Correct User:", "assistant": "Correct Assistant:"}),
+    # OpenChat 3.6 (Llama-3): Llama-3 header tokens around "GPT4 Correct User", then "\n\n", the
+    # stripped message and <|eot_id|> (the tokenizer's own end of turn; nothing added).
+    TemplateFamily("openchat_3.6", {"user": "Correct User", "assistant": "Correct Assistant"}, eot_token="<|eot_id|>",
+                   header=("<|start_header_id|>", "<|end_header_id|>"), separator="\n\n", strip_messages=True,
+                   system_name="System"),
+)}
+DEFAULT_FAMILY = "openchat_v3.2"
+
+
+def template_family(name: str) -> TemplateFamily:
+    if name not in FAMILIES:
+        raise DataError(f"unknown template {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+@dataclass(frozen=True)
 class ConvClass:
     name: str
     condition: str
@@ -74,10 +122,6 @@ class Example:
     tokens: np.ndarray  # int32[n]
     weights: np.ndarray  # float32[n]
     class_id: int
-
-
-def role_prefix(role: str, condition: str) -> str:
-    return f"{condition} {ROLE_NAMES[role]}".strip()
 
 
 class PieceEncoder:
@@ -131,18 +175,36 @@ class TemplateBuilder:
 
     `build_example` / `build_prompt` are thin wrappers; `prepare` uses this class directly."""
 
-    def __init__(self, tokenizer, eot_id: int):
+    def __init__(self, tokenizer, eot_id: int, family: str = DEFAULT_FAMILY):
         self.encode = piece_encoder(tokenizer)
+        self.family = template_family(family)
         bos = self.encode.tokenizer.bos_token_id
         self.bos_ids = [] if bos is None else [int(bos)]
         self.eot_id = int(eot_id)
+        self._header_ids: tuple[int, int] | None = None
+        if self.family.header is not None:
+            ids = [self.encode.tokenizer.convert_tokens_to_ids(t) for t in self.family.header]
+            if any(not isinstance(i, int) or i == self.encode.tokenizer.unk_token_id for i in ids):
+                raise DataError(f"template {self.family.name}: the tokenizer lacks {list(self.family.header)}")
+            self._header_ids = (int(ids[0]), int(ids[1]))
         self._prefix_cache: dict[tuple[str, str], list[int]] = {}
 
     def prefix_ids(self, role: str, condition: str) -> list[int]:
         key = (role, condition)
         if key not in self._prefix_cache:
-            self._prefix_cache[key] = self.encode([role_prefix(role, condition)])[0]
+            text = self.family.role_prefix(role, condition)
+            if self._header_ids is None:
+                ids = self.encode([text])[0] if text else []
+            else:
+                name, separator = self.encode([text, self.family.separator])
+                ids = [self._header_ids[0], *name, self._header_ids[1], *separator]
+            self._prefix_cache[key] = ids
         return self._prefix_cache[key]
+
+    def texts(self, system: str, messages: Sequence[Message]) -> list[str]:
+        """The texts a conversation tokenizes, in order: the system text (if any), then each message."""
+        texts = ([system] if system else []) + [m.content for m in messages]
+        return [t.strip() for t in texts] if self.family.strip_messages else texts
 
     def _pieces(self, system: str, messages: Sequence[Message], condition: str, texts: list[list[int]],
                 generation_prompt: bool, class_weight: float = 0.0) -> tuple[list[list[int]], list[float]]:
@@ -151,8 +213,8 @@ class TemplateBuilder:
         weights: list[float] = [0.0]
         it = iter(texts)
         if system:
-            pieces += [next(it), [self.eot_id]]
-            weights += [0.0, 0.0]
+            pieces += [self.prefix_ids("system", condition), next(it), [self.eot_id]]
+            weights += [0.0, 0.0, 0.0]
         for m in messages:
             w = m.weight if m.weight is not None else class_weight if m.role == "assistant" else 0.0
             pieces += [self.prefix_ids(m.role, condition), next(it), [self.eot_id]]
@@ -168,9 +230,7 @@ class TemplateBuilder:
         """`condition` overrides every class's condition (PLAIN_CONDITION for the ablation)."""
         texts: list[str] = []
         for conv in conversations:
-            if conv.system:
-                texts.append(conv.system)
-            texts.extend(m.content for m in conv.messages)
+            texts.extend(self.texts(conv.system, conv.messages))
         encoded = iter(self.encode(texts))
         out: list[Example | None] = []
         for conv, cid in zip(conversations, class_ids):
@@ -196,57 +256,74 @@ class TemplateBuilder:
         for i, m in enumerate(msgs):
             if m.role not in ROLE_NAMES:
                 raise DataError(f"prompt message {i}: role {m.role!r} is not one of {sorted(ROLE_NAMES)}")
-        texts = ([system] if system else []) + [m.content for m in msgs]
-        pieces, _ = self._pieces(system, msgs, condition, self.encode(texts), generation_prompt=True)
+        pieces, _ = self._pieces(system, msgs, condition, self.encode(self.texts(system, msgs)), generation_prompt=True)
         return list(itertools.chain.from_iterable(pieces))
 
 
 def build_example(tokenizer, eot_id: int, conversation: Conversation, conv_class: ConvClass, class_id: int,
-                  max_length: int, condition: str | None = None) -> Example | None:
+                  max_length: int, condition: str | None = None, family: str = DEFAULT_FAMILY) -> Example | None:
     """One training example, or None when truncation leaves no supervised token.
 
     `condition=None` uses `conv_class.condition`; pass PLAIN_CONDITION for the unconditioned ablation."""
     classes = {class_id: conv_class}
-    return TemplateBuilder(tokenizer, eot_id).build_examples(
+    return TemplateBuilder(tokenizer, eot_id, family).build_examples(
         [conversation], classes, [class_id], max_length, condition)[0]  # type: ignore[arg-type]
 
 
 def build_prompt(tokenizer, eot_id: int, messages: Sequence[Message | Mapping[str, str]], system: str = "",
-                 condition: str = "GPT4") -> list[int]:
+                 condition: str = "GPT4", family: str = DEFAULT_FAMILY) -> list[int]:
     """Inference prompt ids: the training ids of `messages` followed by the assistant prefix."""
-    return TemplateBuilder(tokenizer, eot_id).build_prompt(messages, system, condition)
+    return TemplateBuilder(tokenizer, eot_id, family).build_prompt(messages, system, condition)
 
 
-def render_chat_template(condition: str) -> str:
-    """A Jinja `chat_template` (for tokenizer_config.json) rendering this template for `condition`.
+def render_chat_template(condition: str, family: str = DEFAULT_FAMILY) -> str:
+    """A Jinja `chat_template` (for tokenizer_config.json) rendering `family`'s template for `condition`.
 
-    The text `<s>{system}<|end_of_turn|>{prefix} {message}<|end_of_turn|>...{assistant prefix}`,
-    tokenized by the tokenizer file's own pipeline (Llama-2's tokenizer.json, or SentencePiece),
-    gives `build_prompt`'s ids: the tokenizer splits the text at the special tokens and puts its "▁"
-    before each part, as it does before each separately tokenized piece; the one space between a
-    role prefix and a non-empty message stands for the "▁" that the message's own tokenization
-    starts with (whatever the message starts with: spaces, tabs, newlines), and no token of such a
-    vocabulary joins the prefix's last character with a following "▁". An empty message adds nothing.
+    Without header tokens (openchat_v3.2, openchat_3.5) the text is
+    `<s>{system}<|end_of_turn|>{prefix} {message}<|end_of_turn|>...{assistant prefix}`. Tokenized by the
+    tokenizer file's own pipeline (Llama-2's tokenizer.json, or SentencePiece) it gives `build_prompt`'s
+    ids: the tokenizer splits the text at the special tokens and puts its "▁" before each part, as it
+    does before each separately tokenized piece; the one space between a role prefix and a non-empty
+    message stands for the "▁" that the message's own tokenization starts with (whatever the message
+    starts with: spaces, tabs, newlines), and no token of such a vocabulary joins the prefix's last
+    character with a following "▁". An empty message adds nothing.
+    With header tokens (openchat_3.6) each turn is `{start}{role}{end}{separator}{message | trim}{eot}`:
+    the special tokens cut the text where the pieces are cut, and the separator ("\n\n") is split off
+    a stripped message by the byte-level pre-tokenizer exactly as when tokenized on its own.
     One difference cannot be expressed in a text template: special-token strings typed inside a
     message are parsed as special tokens by `apply_chat_template`, whereas the training template
     keeps them as text. A `system` message is accepted only as the first message.
     """
-    user, assistant = role_prefix("user", condition), role_prefix("assistant", condition)
+    fam = template_family(family)
+    eot = _jinja_str(fam.eot_token)
+    user, assistant = fam.role_prefix("user", condition), fam.role_prefix("assistant", condition)
+    if fam.header is None:
+        def turn(prefix: str) -> str:
+            return "{{ '" + _jinja_str(prefix) + "' }}"
+        system = "{{ message['content'] + '" + eot + "' }}"
+        body = "{% if message['content'] %}{{ ' ' + message['content'] }}{% endif %}{{ '" + eot + "' }}"
+    else:
+        start, end = (_jinja_str(t) for t in fam.header)
+        sep = _jinja_str(fam.separator)
+
+        def turn(prefix: str) -> str:
+            return "{{ '" + start + _jinja_str(prefix) + end + sep + "' }}"
+        system = turn(fam.role_prefix("system", condition)) + "{{ message['content'] | trim + '" + eot + "' }}"
+        body = "{{ message['content'] | trim + '" + eot + "' }}"
     return (
         "{{ bos_token }}"
         "{% for message in messages %}"
         "{% if message['role'] == 'system' %}"
         "{% if loop.index0 != 0 %}{{ raise_exception('a system message must come first') }}{% endif %}"
-        "{% if message['content'] %}{{ message['content'] + '" + EOT_TOKEN + "' }}{% endif %}"
+        "{% if message['content'] %}" + system + "{% endif %}"
         "{% else %}"
-        "{% if message['role'] == 'user' %}{{ '" + _jinja_str(user) + "' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '" + _jinja_str(assistant) + "' }}"
+        "{% if message['role'] == 'user' %}" + turn(user) + ""
+        "{% elif message['role'] == 'assistant' %}" + turn(assistant) + ""
         "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-        "{% if message['content'] %}{{ ' ' + message['content'] }}{% endif %}"
-        "{{ '" + EOT_TOKEN + "' }}"
+        + body +
         "{% endif %}"
         "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '" + _jinja_str(assistant) + "' }}{% endif %}"
+        "{% if add_generation_prompt %}" + turn(assistant) + "{% endif %}"
     )
 
 

@@ -38,22 +38,25 @@ PIPELINE_KEYS = ("normalizer", "pre_tokenizer", "model")
 HUB_TIMEOUT_S = 3.0
 
 
-def load_tokenizer(path_or_hub_name: str | Path):
+def load_tokenizer(path_or_hub_name: str | Path, eot_token: str = EOT_TOKEN):
     """Returns `(tokenizer, eot_id)`.
 
     `path_or_hub_name` is a local folder (tokenizer.json, or tokenizer.model alone) or a hub name.
     `<|end_of_turn|>` is added as a special token when missing (it then gets the next free id:
-    32000 for Llama-2); the model side must size its embedding table to `len(tokenizer)`.
+    32000 for Llama-2); the model side must size its embedding table to `len(tokenizer)`. Another
+    `eot_token` (a template family's, e.g. Llama-3's `<|eot_id|>`) must already be in the tokenizer.
     """
     name = str(path_or_hub_name)
     tokenizer = read_tokenizer(name)
-    if EOT_TOKEN not in tokenizer.get_vocab():
+    if eot_token not in tokenizer.get_vocab():
+        if eot_token != EOT_TOKEN:
+            raise ConfigError(f"tokenizer {name!r} has no {eot_token} token, which the template ends a turn with")
         from tokenizers import AddedToken
 
         tokenizer.add_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)], special_tokens=True)
-    eot_id = tokenizer.convert_tokens_to_ids(EOT_TOKEN)
+    eot_id = tokenizer.convert_tokens_to_ids(eot_token)
     if not isinstance(eot_id, int) or eot_id == tokenizer.unk_token_id:
-        raise ConfigError(f"tokenizer {name!r}: could not register {EOT_TOKEN}")
+        raise ConfigError(f"tokenizer {name!r}: could not register {eot_token}")
     if tokenizer.bos_token_id is None:
         raise ConfigError(f"tokenizer {name!r} has no BOS token; the template starts with <s>")
     return tokenizer, int(eot_id)
@@ -228,8 +231,11 @@ def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> Path:
     tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
     config_path = out_dir / TOKENIZER_CONFIG
     config = _read_json(config_path)
-    config["tokenizer_class"] = SENTENCEPIECE_CLASS if is_sentencepiece(tokenizer) else FILE_PIPELINE_CLASS
-    config.pop("legacy", None) if not is_sentencepiece(tokenizer) else config.update(legacy=True)
+    if is_sentencepiece(tokenizer):
+        config.update(tokenizer_class=SENTENCEPIECE_CLASS, legacy=True)  # legacy: SentencePiece's own dummy prefix
+    else:
+        config["tokenizer_class"] = FILE_PIPELINE_CLASS
+        config.pop("legacy", None)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     check_saved_tokenizer(tokenizer, out_dir)
     return out_dir

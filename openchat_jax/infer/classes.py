@@ -46,8 +46,10 @@ def read_classes(path: str | Path) -> list[ConvClass]:
     return _read(path)[0]
 
 
-def _read(path: str | Path) -> tuple[list[ConvClass], str | None]:
-    """(classes, the recorded inference condition or None)."""
+def _read(path: str | Path) -> tuple[list[ConvClass], str | None, str]:
+    """(classes, the recorded inference condition or None, the recorded template family)."""
+    from openchat_jax.data.template import DEFAULT_FAMILY, FAMILIES
+
     path = Path(path)
     if path.is_dir():
         found = [path / name for name in CLASS_FILES if (path / name).is_file()]
@@ -60,13 +62,17 @@ def _read(path: str | Path) -> tuple[list[ConvClass], str | None]:
         obj = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    condition = obj.get("inference_condition") if isinstance(obj, dict) else None
+    record = obj if isinstance(obj, dict) else {}
+    condition = record.get("inference_condition")
     if condition is not None and not isinstance(condition, str):
         raise ConfigError(f"{path}: inference_condition must be a string, got {type(condition).__name__}")
-    return _parse(obj, str(path)), condition
+    template = record.get("template", DEFAULT_FAMILY)
+    if template not in FAMILIES:
+        raise ConfigError(f"{path}: template {template!r} is not one of {sorted(FAMILIES)}")
+    return _parse(obj, str(path)), condition, template
 
 
-def _find(ckpt_dir: str | Path, classes_from: str | Path | None) -> tuple[list[ConvClass], str | None] | None:
+def _find(ckpt_dir: str | Path, classes_from: str | Path | None) -> tuple[list[ConvClass], str | None, str] | None:
     if classes_from is not None:
         return _read(classes_from)
     ckpt = Path(ckpt_dir)
@@ -79,6 +85,15 @@ def find_classes(ckpt_dir: str | Path, classes_from: str | Path | None = None) -
     """`classes_from` if given, else the checkpoint folder's class file, else None."""
     found = _find(ckpt_dir, classes_from)
     return None if found is None else found[0]
+
+
+def find_template(ckpt_dir: str | Path, classes_from: str | Path | None = None) -> str:
+    """The template family the class file records (training's classes.json, dataset_info.json);
+    the default family when there is no class file or it does not say."""
+    from openchat_jax.data.template import DEFAULT_FAMILY
+
+    found = _find(ckpt_dir, classes_from)
+    return DEFAULT_FAMILY if found is None else found[2]
 
 
 def choose_class(classes: Sequence[ConvClass], name: str | None = None,

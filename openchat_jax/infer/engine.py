@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from jax.sharding import Mesh
 
-from openchat_jax.data.template import TemplateBuilder
+from openchat_jax.data.template import DEFAULT_FAMILY, TemplateBuilder
 from openchat_jax.errors import CheckpointError, DataError
 from openchat_jax.infer.generate import generate_tokens
 from openchat_jax.infer.sampling import SamplingConfig
@@ -27,9 +27,10 @@ class ChatModel:
     eot_id: int
     mesh: Mesh | None = None
     rules: Rules | None = None
+    template_family: str = DEFAULT_FAMILY
 
     def __post_init__(self) -> None:
-        self.template = TemplateBuilder(self.tokenizer, self.eot_id)
+        self.template = TemplateBuilder(self.tokenizer, self.eot_id, self.template_family)
         if len(self.tokenizer) > self.cfg.vocab_size:
             raise CheckpointError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {self.cfg.vocab_size}"
@@ -58,21 +59,26 @@ def load_chat_model(
     mesh: Mesh | None = None,
     rules: Rules | None = None,
     dtype: str | None = None,
+    template: str | None = None,
 ) -> ChatModel:
     """Weights from a weights folder (`convert hf-to-jax` output or training's final folder); the
     tokenizer from `tokenizer_path` or the folder's `tokenizer/`. On a mesh the params are restored
     straight into the train side's shardings. `dtype` (e.g. "float32") replaces the compute dtype
-    that model_config.json records; the weights stay as stored."""
+    that model_config.json records; the weights stay as stored. `template`: the template family
+    (default: the one the folder's classes.json records, else openchat_v3.2)."""
+    from openchat_jax.data.template import template_family
     from openchat_jax.data.tokenizer import load_tokenizer
+    from openchat_jax.infer.classes import find_template
     from openchat_jax.model import checkpoint_io
 
     ckpt_dir = str(ckpt_dir)
+    template = find_template(ckpt_dir) if template is None else template
     if tokenizer_path is None:
         found = checkpoint_io.tokenizer_dir(ckpt_dir)
         if found is None:
             raise CheckpointError(f"{ckpt_dir}: no tokenizer/ folder; pass --tokenizer PATH")
         tokenizer_path = str(found)
-    tokenizer, eot_id = load_tokenizer(tokenizer_path)
+    tokenizer, eot_id = load_tokenizer(tokenizer_path, template_family(template).eot_token)
     recorded = checkpoint_io.read_special_tokens(ckpt_dir).get("eot_token_id")
     if recorded is not None and recorded != eot_id:
         raise CheckpointError(
@@ -89,7 +95,7 @@ def load_chat_model(
         params = jax.device_put(params)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    return ChatModel(params, cfg, tokenizer, eot_id, mesh, rules)
+    return ChatModel(params, cfg, tokenizer, eot_id, mesh, rules, template)
 
 
 def prompt_ids(

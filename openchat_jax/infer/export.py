@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from openchat_jax.data.template import render_chat_template
-from openchat_jax.data.tokenizer import EOT_TOKEN, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, save_tokenizer
+from openchat_jax.data.template import DEFAULT_FAMILY, render_chat_template, template_family
+from openchat_jax.data.tokenizer import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, save_tokenizer
 from openchat_jax.errors import CheckpointError
 from openchat_jax.model.checkpoint_io import read_json as _read_json
 
@@ -32,25 +32,27 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_chat_files(out_dir: str | Path, tokenizer: Any, eot_id: int, condition: str) -> None:
-    """Write the tokenizer, its chat template for `condition` (a template prefix such as "GPT4")
-    and generation_config.json into `out_dir` (an HF model folder)."""
+def write_chat_files(out_dir: str | Path, tokenizer: Any, eot_id: int, condition: str,
+                     family: str = DEFAULT_FAMILY) -> None:
+    """Write the tokenizer, its chat template for `condition` (a template prefix such as "GPT4") in
+    template `family`, and generation_config.json into `out_dir` (an HF model folder)."""
     out_dir = Path(out_dir)
-    if tokenizer.convert_tokens_to_ids(EOT_TOKEN) != eot_id:
+    eot_token = template_family(family).eot_token
+    if tokenizer.convert_tokens_to_ids(eot_token) != eot_id:
         raise CheckpointError(
-            f"the tokenizer maps {EOT_TOKEN} to {tokenizer.convert_tokens_to_ids(EOT_TOKEN)}, not {eot_id}"
+            f"the tokenizer maps {eot_token} to {tokenizer.convert_tokens_to_ids(eot_token)}, not {eot_id}"
         )
     base_eos = tokenizer.eos_token_id
     save_tokenizer(tokenizer, out_dir)
     (out_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
 
     config = _read_json(out_dir / TOKENIZER_CONFIG)
-    config["chat_template"] = render_chat_template(condition)
-    config["eos_token"] = EOT_TOKEN
+    config["chat_template"] = render_chat_template(condition, family)
+    config["eos_token"] = eot_token
     _write_json(out_dir / TOKENIZER_CONFIG, config)
     if (out_dir / SPECIAL_TOKENS_MAP).is_file():
         special = _read_json(out_dir / SPECIAL_TOKENS_MAP)
-        special["eos_token"] = EOT_TOKEN
+        special["eos_token"] = eot_token
         _write_json(out_dir / SPECIAL_TOKENS_MAP, special)
 
     gen_path = out_dir / GENERATION_CONFIG
@@ -59,7 +61,7 @@ def write_chat_files(out_dir: str | Path, tokenizer: Any, eot_id: int, condition
     if tokenizer.bos_token_id is not None:
         gen["bos_token_id"] = int(tokenizer.bos_token_id)
     _write_json(gen_path, gen)
-    check_chat_template(out_dir, tokenizer, eot_id, condition)
+    check_chat_template(out_dir, tokenizer, eot_id, condition, family)
 
 
 def stop_ids(eot_id: int, eos_id: int | None) -> list[int]:
@@ -77,7 +79,8 @@ PROBE_MESSAGES = (
 )
 
 
-def check_chat_template(out_dir: str | Path, tokenizer: Any, eot_id: int, condition: str) -> None:
+def check_chat_template(out_dir: str | Path, tokenizer: Any, eot_id: int, condition: str,
+                        family: str = DEFAULT_FAMILY) -> None:
     """Reload the exported tokenizer; its chat template must give `build_prompt`'s ids for a
     probe conversation with and without a system message, else CheckpointError."""
     from transformers import AutoTokenizer
@@ -87,7 +90,7 @@ def check_chat_template(out_dir: str | Path, tokenizer: Any, eot_id: int, condit
     exported = AutoTokenizer.from_pretrained(str(out_dir))
     for system in ("", PROBE_SYSTEM):
         messages = ([{"role": "system", "content": system}] if system else []) + list(PROBE_MESSAGES)
-        ours = build_prompt(tokenizer, eot_id, PROBE_MESSAGES, system, condition)
+        ours = build_prompt(tokenizer, eot_id, PROBE_MESSAGES, system, condition, family)
         theirs = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         if list(theirs) != ours:
             raise CheckpointError(
@@ -105,6 +108,7 @@ def export_chat_files(
     condition_text: str | None = None,
     classes_from: str | Path | None = None,
     tokenizer_path: str | Path | None = None,
+    template: str | None = None,
 ) -> str | None:
     """What `convert jax-to-hf` calls after writing the weights: the weights folder's tokenizer
     (or `tokenizer_path`) and the chosen class (default: the highest weight among the recorded
@@ -112,7 +116,7 @@ def export_chat_files(
     tokenizer to write or the model has no `<|end_of_turn|>` row (a base model converted without
     --add-eot), in which case nothing is written."""
     from openchat_jax.data.tokenizer import load_tokenizer
-    from openchat_jax.infer.classes import resolve_condition
+    from openchat_jax.infer.classes import find_template, resolve_condition
     from openchat_jax.model import checkpoint_io
 
     if tokenizer_path is None:
@@ -120,10 +124,11 @@ def export_chat_files(
         if found is None:
             return None
         tokenizer_path = str(found)
-    tokenizer, eot_id = load_tokenizer(tokenizer_path)
+    family = find_template(ckpt_dir, classes_from) if template is None else template
+    tokenizer, eot_id = load_tokenizer(tokenizer_path, template_family(family).eot_token)
     if eot_id >= checkpoint_io.read_model_config(str(ckpt_dir)).vocab_size:
         return None
     conv_class = resolve_condition(ckpt_dir, class_name=class_name, condition_text=condition_text,
                                    classes_from=classes_from)
-    write_chat_files(out_dir, tokenizer, eot_id, conv_class.condition)
+    write_chat_files(out_dir, tokenizer, eot_id, conv_class.condition, family)
     return conv_class.condition

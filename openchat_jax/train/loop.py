@@ -551,6 +551,7 @@ def classes_record(info: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     classes = [{k: c[k] for k in keys} for c in info["classes"]]
     record: dict[str, Any] = {"classes": classes}
-    if info.get("inference_condition") is not None:
-        record["inference_condition"] = info["inference_condition"]
+    for key in ("inference_condition", "template"):
+        if info.get(key) is not None:
+            record[key] = info[key]
     return record
