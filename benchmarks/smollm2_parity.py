@@ -21,14 +21,7 @@ import transformers
 from openchat_jax.infer.generate import generate_tokens
 from openchat_jax.model import checkpoint_io
 from openchat_jax.model.llama import forward
-
-QUESTIONS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "How many legs does a spider have?",
-    "Explain photosynthesis in one sentence.",
-    "Give me three tips for learning Python.",
-)
+from openchat_jax.model.smollm2 import QUESTIONS
 
 
 def main() -> None:

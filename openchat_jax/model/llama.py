@@ -121,9 +121,10 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     """The rotary inverse frequencies [D / 2], float32, as transformers computes them for
     cfg.rope_type (`_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
-    `_compute_llama3_parameters`), operation for operation in float32."""
+    `_compute_llama3_parameters`), operation for operation in float32: equal up to a few ulps
+    (tests/test_model_parity.py checks 1e-6 relative)."""
     D = cfg.head_dim
-    # torch's pow of float32 exponents is correctly rounded: the float64 power rounded to float32.
+    # The power in float64, rounded once: within an ulp of torch's (numpy's float32 pow is not).
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, D, 2, dtype=np.float32) / D).astype(np.float64)).astype(np.float32)
     if cfg.rope_type == "linear":
         return inv_freq / cfg.rope_factor

