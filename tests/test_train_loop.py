@@ -194,7 +194,7 @@ def test_rows_longer_than_the_models_positions_are_an_error_before_compiling(
         tiny_tokenizer_dir, conversations, prepared, tmp_path, monkeypatch):  # noqa: F811
     import openchat_jax.train.loop as loop
 
-    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: pytest.fail("compiled a step"))
+    monkeypatch.setattr(loop, "build_step", lambda *a, **k: pytest.fail("compiled a step"))
     config = small_config(tiny_tokenizer_dir, [conversations], prepared[True], tmp_path / "run")
     config.model.max_position_embeddings = SEQ - 1
     with pytest.raises(ConfigError, match=f"rows of {SEQ} tokens .* longer than the model's "
