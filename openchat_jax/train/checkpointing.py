@@ -29,7 +29,7 @@ from openchat_jax.errors import CheckpointError, OpenChatError
 
 log = logging.getLogger(__name__)
 
-PROCESS_FILE = re.compile(r"process_(?P<index>\d+)-of-(?P<count>\d+)\.json")  # grain's handler's file names
+PROCESS_FILE = re.compile(r"process_\d+-of-(?P<count>\d+)\.json")  # grain's handler's file names
 OLD_DATA_FILE = "metadata"  # ocp.args.JsonSave's file: the data state of checkpoints before per-process files
 
 
@@ -102,13 +102,17 @@ class Checkpointer:
         """Raise if checkpoint `step` holds no data state for this process for a reason that an older
         checkpoint would not fix (a missing or damaged file is left to the restore: it falls back)."""
         item = epath.Path(self.directory) / str(step) / "data"
-        written = sorted((m for m in map(PROCESS_FILE.fullmatch, (p.name for p in item.iterdir())) if m),
-                         key=lambda m: m.string) if item.is_dir() else []
-        if written and all(int(m["count"]) != jax.process_count() for m in written):
+        names = sorted(p.name for p in item.iterdir()) if item.is_dir() else []
+        counts: dict[int, str] = {}  # process count -> its first file
+        for name in names:
+            if m := PROCESS_FILE.fullmatch(name):
+                counts.setdefault(int(m["count"]), name)
+        if counts and jax.process_count() not in counts:
+            count, name = min(counts.items())
             raise CheckpointError(
-                f"{item / written[0].string}: the data iterator state was written by {written[0]['count']} "
-                f"processes, this run has {jax.process_count()}: resume with the same number of processes")
-        if not written and (item / OLD_DATA_FILE).exists():
+                f"{item / name}: the data iterator state was written by {count} processes, this run has "
+                f"{jax.process_count()}: resume with the same number of processes")
+        if not counts and OLD_DATA_FILE in names:
             raise CheckpointError(
                 f"{item / OLD_DATA_FILE}: the data iterator state is in the older single-file format; this "
                 "version keeps one process_<i>-of-<n>.json per process and cannot resume from it: resume "
