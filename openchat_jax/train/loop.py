@@ -213,8 +213,9 @@ def build_run(
     devices: Sequence[jax.Device] | None = None,
 ) -> Run:
     """Validate the config and build mesh, loader, model config, optimizer and the jitted step.
-    `loader`: anything with the PackedLoader interface (`info`, `batches_per_epoch`, iteration,
-    get_state/set_state); default: make_loader over `data.dataset_dir`."""
+    `loader`: anything with the PackedLoader interface (`info`, `batches_per_epoch`, and a
+    grain.DatasetIterator's iteration and get_state/set_state, which checkpoints save); default:
+    make_loader over `data.dataset_dir`."""
     mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
     B, M = _check_batch_config(config, mesh)
     if config.train.epochs < 1 and config.train.num_steps <= 0:
