@@ -176,6 +176,9 @@ class PackedLoader(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._iter)
 
+    def start_prefetch(self) -> None:
+        self._iter.start_prefetch()
+
     def _identity(self) -> dict[str, Any]:
         return {"seed": self.seed, "global_batch_size": self.global_batch_size, "seq_len": self.seq_len,
                 "process_index": self.process_index, "process_count": self.process_count,
@@ -192,9 +195,6 @@ class PackedLoader(grain.DatasetIterator):
         _ = self.source
         self._it = iter(self._dataset.to_iter_dataset(self._read_options))
         self._it.set_state(state["iterator"])
-
-    def start_prefetch(self) -> None:
-        self._iter.start_prefetch()
 
     @property
     def next_batch_index(self) -> int:
