@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import jax
 import numpy as np
 import pytest
 
@@ -158,6 +159,31 @@ def test_state_restore_continues_identically(dataset, k):
             np.testing.assert_array_equal(x[key], y[key])
     with pytest.raises(ConfigError, match="seed"):
         loader(path, seed=99).set_state(state)
+
+
+def test_checkpointer_saves_the_loader_and_resumes_at_the_next_batch(dataset, tmp_path):
+    import jax.numpy as jnp
+
+    from openchat_jax.train.checkpointing import Checkpointer
+
+    path, _ = dataset
+    reference = list(loader(path))
+    first = loader(path)
+    for _ in range(3):
+        next(first)
+    state = {"step": jnp.asarray(3, jnp.int32)}
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=1)
+    ckpt.save(3, state, first)
+    ckpt.close()
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32)}
+    resumed = loader(path)
+    assert Checkpointer(str(tmp_path / "ckpt"), save_every=1).restore_latest(abstract, resumed).step == 3
+    batch = next(resumed)
+    for key in BATCH_KEYS:
+        np.testing.assert_array_equal(batch[key], reference[3][key])
+    # A loader with other settings refuses the state: a ConfigError, not a damaged checkpoint.
+    with pytest.raises(ConfigError, match="seed"):
+        Checkpointer(str(tmp_path / "ckpt"), save_every=1).restore_latest(abstract, loader(path, seed=99))
 
 
 def test_loader_config_errors(dataset):

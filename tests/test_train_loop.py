@@ -9,6 +9,7 @@ import json
 import zlib
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -205,19 +206,17 @@ def test_rows_longer_than_the_models_positions_are_an_error_before_compiling(
 # -- loop behaviour on synthetic batches (one compiled run shared) --------------------------------
 
 
-class FakeLoader:
+class FakeLoader(grain.DatasetIterator):
     """The PackedLoader interface over a list of batches."""
 
     def __init__(self, batches, vocab_size: int = 128):
+        super().__init__()
         self.batches = batches
         self.info = {"classes": [{"name": "gpt4", "weight": 1.0}, {"name": "gpt3", "weight": 0.1}],
                      "vocab_size": vocab_size, "conditioned": True}
         self.batches_per_epoch = len(batches)
         self.k = 0
         self.set_states: list[dict] = []
-
-    def __iter__(self):
-        return self
 
     def __next__(self):
         if self.k >= len(self.batches):
@@ -287,15 +286,17 @@ class FakeCheckpointer:
     def __init__(self, every: int, restore=None):
         self.every, self.restore, self.saved, self.closed = every, restore, [], False
 
-    def restore_latest(self, abstract_state):
+    def restore_latest(self, abstract_state, loader):
         assert jax.tree.structure(abstract_state) is not None
+        if self.restore is not None:
+            loader.set_state(self.restore.data_state)
         return self.restore
 
     def due(self, step):
         return step % self.every == 0
 
-    def save(self, step, state, data_state):
-        self.saved.append((step, jax.device_get(state), dict(data_state)))
+    def save(self, step, state, loader):
+        self.saved.append((step, jax.device_get(state), loader.get_state()))
 
     def close(self):
         self.closed = True

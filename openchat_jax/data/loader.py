@@ -15,8 +15,9 @@ Every batch is a dict of numpy arrays, each [B_local, L]:
   positions    int32    0, 1, ... restarting per segment; 0 on pad
   class_ids    int32    class index of the segment (dataset_info classes); -1 on pad
 
-State: `get_state()` is a JSON-serialisable dict (grain's iterator state plus the settings that
-must match); `set_state()` on a new loader with the same settings continues identically.
+State: the loader is a grain DatasetIterator. `get_state()` is a JSON-serialisable dict (grain's
+iterator state plus the settings that must match); `set_state()` on a new loader with the same
+settings continues identically. Checkpoints save it per process through grain's orbax handler.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import math
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import grain
 import numpy as np
 
 from openchat_jax.data.packing import EpochPlan, plan_epoch
@@ -36,12 +38,11 @@ from openchat_jax.errors import ConfigError, DataError
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions", "class_ids")
 
 
-class PackedLoader:
+class PackedLoader(grain.DatasetIterator):
     def __init__(self, dataset_dir: str | Path, *, global_batch_size: int, seq_len: int, seed: int,
                  process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
                  shuffle: bool = True, num_threads: int = 4, prefetch: int = 8):
-        import grain
-
+        super().__init__()
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ConfigError(f"process_index {process_index} is not in [0, process_count={process_count})")
         if global_batch_size < 1 or global_batch_size % process_count:
@@ -172,11 +173,11 @@ class PackedLoader:
         return out
 
     # -- iteration and state -----------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._iter)
+
+    def start_prefetch(self) -> None:
+        self._iter.start_prefetch()
 
     def _identity(self) -> dict[str, Any]:
         return {"seed": self.seed, "global_batch_size": self.global_batch_size, "seq_len": self.seq_len,

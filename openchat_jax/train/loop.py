@@ -4,13 +4,13 @@
     result = train(config)               # build_run + initial/restored state + loop + final save
 
 Seams for checkpoint/resume and preemption (see `Checkpointing`): `train(config, checkpointer=...,
-stop=...)` restores the newest checkpoint through `checkpointer.restore_latest(abstract_state)`
-(state + data iterator state) before the first step, saves when `checkpointer.due(step)` and at
-the end (and when stopped), and polls `bool(stop)` between steps (a SIGTERM flag) as well as
-`checkpointer.reached_preemption(step)` (multi-host: every process stops at the same step).
-`make_checkpointer(config)` builds the real one from `config.checkpoint` (the CLI always does).
-Checkpoints that failed to restore are renamed `<step>.damaged`; with several processes the
-data state saved is every process's loader state (`{"per_process": [...]}`).
+stop=...)` restores the newest checkpoint through `checkpointer.restore_latest(abstract_state,
+loader)` (the state; the loader's state is set in place) before the first step, saves when
+`checkpointer.due(step)` and at the end (and when stopped), and polls `bool(stop)` between steps
+(a SIGTERM flag) as well as `checkpointer.reached_preemption(step)` (multi-host: every process
+stops at the same step). `make_checkpointer(config)` builds the real one from `config.checkpoint`
+(the CLI always does). Checkpoints that failed to restore are renamed `<step>.damaged`; every
+process saves and restores its own loader's state.
 
 Like nanodo, the loop dispatches step n+1 before it fetches step n's metrics, so the host never
 stalls the device queue for logging.
@@ -32,7 +32,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
-from openchat_jax.errors import CheckpointError, ConfigError, DataError, OpenChatError
+from openchat_jax.errors import ConfigError, DataError, OpenChatError
 from openchat_jax.model.checkpoint_io import MODEL_CONFIG
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import flops as flops_lib
@@ -56,7 +56,6 @@ RUNTIME_MODEL_FIELDS = ("dtype", "scan_layers", "remat_policy", "attention", "in
 class Restored(Protocol):
     step: int
     state: Any
-    data_state: dict[str, Any]
 
 
 class Checkpointing(Protocol):
@@ -64,9 +63,9 @@ class Checkpointing(Protocol):
     An optional `reached_preemption(step) -> bool` is polled every step too: True on every
     process at the same step once any process got a preemption notice (multi-host SIGTERM)."""
 
-    def restore_latest(self, abstract_state: Any) -> Restored | None: ...
+    def restore_latest(self, abstract_state: Any, loader: Any) -> Restored | None: ...
     def due(self, step: int) -> bool: ...
-    def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None: ...
+    def save(self, step: int, state: Any, loader: Any) -> None: ...
     def close(self) -> None: ...
 
 
@@ -108,37 +107,6 @@ def _set_aside_damaged(checkpointer: Any, skipped: Sequence[tuple[int, str]]) ->
         multihost_utils.sync_global_devices("openchat_jax: damaged checkpoints set aside")
     if hasattr(checkpointer, "all_steps"):
         checkpointer.all_steps()  # reloads the step list
-
-
-PER_PROCESS_KEY = "per_process"
-
-
-def _data_state_to_save(loader: Any) -> dict[str, Any]:
-    """The loader state to checkpoint. Each process reads its own shard, but the checkpoint's JSON
-    item is written by process 0 only: with several processes, gather every process's state."""
-    state = loader.get_state()
-    if jax.process_count() == 1:
-        return state
-    from jax.experimental import multihost_utils
-
-    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: blob.size] = blob
-    rows = np.asarray(multihost_utils.process_allgather(padded))
-    return {PER_PROCESS_KEY: [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]}
-
-
-def _own_data_state(data_state: dict[str, Any]) -> dict[str, Any]:
-    per_process = data_state.get(PER_PROCESS_KEY) if isinstance(data_state, dict) else None
-    if per_process is None:
-        return data_state
-    if len(per_process) != jax.process_count():
-        raise CheckpointError(
-            f"the checkpoint's data state was written by {len(per_process)} processes, this run has "
-            f"{jax.process_count()}: resume with the same number of processes"
-        )
-    return per_process[jax.process_index()]
 
 
 def _preempted(checkpointer: Any, step: int) -> bool:
@@ -245,8 +213,9 @@ def build_run(
     devices: Sequence[jax.Device] | None = None,
 ) -> Run:
     """Validate the config and build mesh, loader, model config, optimizer and the jitted step.
-    `loader`: anything with the PackedLoader interface (`info`, `batches_per_epoch`, iteration,
-    get_state/set_state); default: make_loader over `data.dataset_dir`."""
+    `loader`: anything with the PackedLoader interface (`info`, `batches_per_epoch`, and a
+    grain.DatasetIterator's iteration and get_state/set_state, which checkpoints save); default:
+    make_loader over `data.dataset_dir`."""
     mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
     B, M = _check_batch_config(config, mesh)
     if config.train.epochs < 1 and config.train.num_steps <= 0:
@@ -403,7 +372,7 @@ def train(
 
     if checkpointer is not None and hasattr(checkpointer, "custom_metadata"):
         checkpointer.custom_metadata = classes_record(run.dataset_info)  # saved with every checkpoint
-    restored = checkpointer.restore_latest(run.abstract_state()) if checkpointer is not None else None
+    restored = checkpointer.restore_latest(run.abstract_state(), run.loader) if checkpointer is not None else None
     start = int(restored.step) if restored is not None else 0
     record = run_info.run_record(run)
     if restored is not None:
@@ -432,7 +401,6 @@ def train(
     if restored is not None:
         state = restored.state
         _set_aside_damaged(checkpointer, getattr(restored, "skipped", ()))
-        run.loader.set_state(_own_data_state(restored.data_state))
         log.info("resumed from step %d", start)
     else:
         state = initial_state(run)
@@ -483,13 +451,13 @@ def train(
                 fetch(pending)
                 pending = None
             if checkpointer is not None and checkpointer.due(step) and step < run.total_steps:
-                checkpointer.save(step, state, _data_state_to_save(run.loader))
+                checkpointer.save(step, state, run.loader)
                 last_saved = step
         if pending is not None:
             fetch(pending)
             pending = None
         if checkpointer is not None and step > last_saved:  # a stop right after a periodic save: saved
-            checkpointer.save(step, state, _data_state_to_save(run.loader))
+            checkpointer.save(step, state, run.loader)
     finally:
         bar.close()
         writer.close()
