@@ -58,6 +58,11 @@ def data_defaults() -> ml_collections.ConfigDict:
         "max_length": 4096,  # truncation length (keeps the start); also the packing row length
         "dataset_dir": "",  # where `prepare` writes the TFDS/ArrayRecord dataset and report.json
         "num_workers": 0,  # tokenization processes; 0 = one per CPU core
+        # Held-out split (see data/eval_split.py): a fraction of the conversations, drawn by
+        # eval_seed, or the conversations of eval_files (not both). 0.0 and [] = none.
+        "eval_fraction": 0.0,
+        "eval_files": [],
+        "eval_seed": 0,
     })
 
 
@@ -78,6 +83,9 @@ class DataSpec:
     max_length: int
     dataset_dir: Path
     num_workers: int
+    eval_fraction: float = 0.0
+    eval_files: tuple[Path, ...] = ()
+    eval_seed: int = 0
 
     def class_for_label(self, label: str | None) -> int | None:
         if label is not None and label in self.label_to_class:
@@ -192,6 +200,15 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
     num_workers = data.get("num_workers", 0)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+    eval_fraction = data.get("eval_fraction", 0.0)
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be a number in [0, 1), got {eval_fraction!r}")
+    eval_files = _as_plain(data.get("eval_files")) or []
+    if eval_fraction and eval_files:
+        raise ConfigError("give either data.eval_fraction or data.eval_files for the held-out split, not both")
+    eval_seed = data.get("eval_seed", 0)
+    if isinstance(eval_seed, bool) or not isinstance(eval_seed, int):
+        raise ConfigError(f"data.eval_seed must be an integer, got {eval_seed!r}")
     if need_files:
         if not data.get("tokenizer"):
             raise ConfigError("data.tokenizer is empty: give a tokenizer folder or hub name")
@@ -211,4 +228,14 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
         max_length=max_length,
         dataset_dir=Path(str(data.get("dataset_dir") or ".")),
         num_workers=num_workers,
+        eval_fraction=float(eval_fraction),
+        eval_files=_expand_eval_files(eval_files) if need_files and eval_files else (),
+        eval_seed=eval_seed,
     )
+
+
+def _expand_eval_files(patterns: Any) -> tuple[Path, ...]:
+    try:
+        return expand_files(patterns)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("data.files", "data.eval_files", 1)) from None

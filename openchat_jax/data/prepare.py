@@ -5,6 +5,7 @@ Output folder (`data.dataset_dir`):
   index.npz                       lengths int32[N], class_ids int32[N] in record order (for packing plans)
   dataset_info.json               what the train side needs (classes, eot id, vocab size, ...)
   report.json                     per-class counts and every skipped record (file, line, reason)
+  eval/                           the held-out split, when asked for (see eval_split.py)
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _check_output_dir(dataset_dir: Path) -> None:
     if not ours:
         raise ConfigError(f"data.dataset_dir {dataset_dir} is not empty and holds no prepared dataset; "
                           "refusing to overwrite it")
-    for name in (BUILDER_NAME, INDEX_FILE, INFO_FILE, REPORT_FILE):
+    for name in (BUILDER_NAME, INDEX_FILE, INFO_FILE, REPORT_FILE, "eval"):
         p = dataset_dir / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -135,6 +136,9 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[
     _check_output_dir(dataset_dir)
 
     read = read_conversations(spec)
+    from openchat_jax.data.eval_split import hold_out, write_eval_split
+
+    held = hold_out(spec, read)  # removes an eval_fraction split from `read`
     skips: list[Skip] = list(read.skips)
     names = [c.name for c in spec.classes]
     stats = {n: {"conversations": 0, "tokens": 0, "supervised_tokens": 0} for n in names}
@@ -208,6 +212,9 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[
         "total_tokens": int(sum(lengths)),
         "total_supervised_tokens": total_supervised,
     }
+    eval_report = None
+    if held is not None:
+        info["eval"], eval_report = write_eval_split(dataset_dir, spec, tokenizer, eot_id, held)
     (dataset_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
 
     skips.sort(key=lambda s: (s.file, s.line))
@@ -226,7 +233,11 @@ def prepare(data: ml_collections.ConfigDict, *, progress: bool = False) -> dict[
         "wall_time_s": round(time.perf_counter() - t0, 2),
         "skipped_records": [s.to_dict() for s in skips],
     }
-    assert report["examples"] + report["skipped"] == report["input_records"], report  # every record accounted
+    held_out = held.input_records if held is not None and held.source == "eval_fraction" else 0
+    if eval_report is not None:
+        report.update(held_out=held_out, eval=eval_report)
+    # every record accounted
+    assert report["examples"] + report["skipped"] + held_out == report["input_records"], report
     (dataset_dir / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False))
     return report
 

@@ -61,6 +61,10 @@ def train_defaults() -> ml_collections.ConfigDict:
         # Stop the run after this many non-finite (skipped) steps in a row; 0 = never.
         "max_nonfinite_in_a_row": 10,
         "tensorboard": True,
+        # > 0: every this many steps and at the last step, score the prepared held-out split
+        # (data.eval_fraction / data.eval_files) per class, under its own and the expert condition
+        # (train/evaluation.py); written to metrics.jsonl and TensorBoard as eval/*. 0 = off.
+        "eval_every": 0,
     })
 
 

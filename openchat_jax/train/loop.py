@@ -159,6 +159,7 @@ class Run:
     step_fn: StepFn
     flops_per_token: float
     peak_flops: float | None  # all devices together; None = unknown (no MFU)
+    eval_hook: Any = None  # train.evaluation.EvalHook when train.eval_every > 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -175,6 +176,7 @@ class TrainResult:
     stopped: bool  # True when stopped by a signal before total_steps
     history: list[dict[str, float]]  # the logged scalars, one dict per logged step
     final_dir: str | None
+    eval_history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # eval/* scalars per eval
 
 
 def _check_batch_config(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[int, int]:
@@ -262,15 +264,19 @@ def build_run(
     class_names = [c["name"] for c in info["classes"]]
     model_cfg = resolve_model_config(config, info)
     tx, schedule, peak_lr = make_optimizer(config.train, total_steps, B * seq_len)
+    options = loss_options(config.train, seq_len)
     step_fn = make_train_step(
         model_cfg, tx, schedule, mesh, num_classes=len(class_names), micro_batches=M, weighted=config.train.weighted,
-        **loss_options(config.train, seq_len),
+        **options,
     )
+    from openchat_jax.train.evaluation import make_eval_hook
+
+    eval_hook = make_eval_hook(config, info, model_cfg, mesh, total_steps, options["loss_chunk_length"])
     return Run(
         config=config, model_cfg=model_cfg, mesh=mesh, loader=loader, dataset_info=info, class_names=class_names,
         seq_len=seq_len, global_batch_size=B, total_steps=total_steps, tx=tx, schedule=schedule, peak_lr=peak_lr,
         step_fn=step_fn, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
-        peak_flops=_peak_flops(config, model_cfg, mesh),
+        peak_flops=_peak_flops(config, model_cfg, mesh), eval_hook=eval_hook,
     )
 
 
@@ -369,6 +375,7 @@ def train(
     bar = ProgressBar(run.total_steps, initial=start, enabled=primary and config.train.progress)
     meter = _Meter(run)
     history: list[dict[str, float]] = []
+    eval_history: list[dict[str, float]] = []
     log_every = max(1, int(config.train.log_every))
     batches: Iterator = iter(run.loader)
     pending: tuple[int, Any] | None = None
@@ -408,6 +415,8 @@ def train(
                 # The first step includes compilation: fetch it now, so throughput is timed from here.
                 fetch(pending)
                 pending = None
+            if run.eval_hook is not None and run.eval_hook.due(step):
+                eval_history.append(run.eval_hook(step, state["params"], writer))
             if checkpointer is not None and checkpointer.due(step) and step < run.total_steps:
                 checkpointer.save(step, state, _data_state_to_save(run.loader))
                 last_saved = step
@@ -426,7 +435,8 @@ def train(
     if save_final and not stopped and step >= run.total_steps:
         final_dir = str(workdir / FINAL_DIR)
         save_final_weights(run, state, final_dir)
-    return TrainResult(state=state, steps_done=step, stopped=stopped, history=history, final_dir=final_dir)
+    return TrainResult(state=state, steps_done=step, stopped=stopped, history=history, final_dir=final_dir,
+                       eval_history=eval_history)
 
 
 def save_final_weights(run: Run, state: TrainState, out_dir: str) -> None:
