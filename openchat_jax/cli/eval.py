@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
     parser.add_argument("--batch-size", type=int, default=8, help="packed rows per forward pass (default: 8)")
     parser.add_argument("--mesh", help="device mesh, e.g. fsdp=-1 (default: one device)")
+    parser.add_argument("--dtype", help="compute dtype, e.g. float32 (default: the checkpoint's)")
     parser.add_argument("--prompts", help="JSONL prompts (generate's format), each record with a 'reference'")
     parser.add_argument("--scorer", help="module:function(answer, reference) -> float (default: exact match)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = checkpoint_io.read_model_config(args.ckpt)
         params, cfg = checkpoint_io.load_params(args.ckpt, mesh_lib.param_shardings(cfg, mesh, rules))
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
     evaluator = HeldOutEval(args.data, info, cfg, mesh, rows=args.batch_size, seq_len=int(info["max_length"]),
                             variants=names, rules=rules)
     report = {
