@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -125,19 +126,24 @@ def reference_table(hf_dir: Path, dataset: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def test_eval_during_training_and_eval_cli_match_transformers(with_eval, tmp_path):
-    config, _ = with_eval
-    config = json.loads(json.dumps(config.to_dict()))  # a fresh copy
+@pytest.fixture(scope="module")
+def trained(with_eval, tmp_path_factory):
+    """5 steps with eval every 2 steps (and at the end); the run, its result and the workdir."""
     import ml_collections
 
-    config = ml_collections.ConfigDict(config)
-    config.workdir = str(tmp_path / "run")
-    config.train.update(num_steps=5, eval_every=2, tensorboard=True)
-    run = build_run(config)
-    result = train(config, run=run)
+    config = ml_collections.ConfigDict(json.loads(json.dumps(with_eval[0].to_dict())))  # a fresh copy
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    config.workdir = str(workdir)
+    config.train.update(num_steps=5, eval_every=2, tensorboard=True, peak_flops_per_device=1e12)
+    run = build_run(config, devices=jax.devices()[:2])  # sharded over 2 devices (fewer compile faster)
+    return config, run, train(config, run=run), workdir
+
+
+def test_eval_during_training_and_eval_cli_match_transformers(trained, tmp_path):
+    config, run, result, workdir = trained
     assert [e["step"] for e in result.eval_history] == [2, 4, 5]  # every 2 steps and at the end
     assert run.eval_hook.evaluator.step._cache_size() == 1  # compiled once for 3 calls x 2 renderings
-    rows = [r for r in read_metrics(tmp_path / "run") if "eval/loss" in r]
+    rows = [r for r in read_metrics(workdir) if "eval/loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 5]
     last = rows[-1]
     for key in ("eval/accuracy", "eval/class/gpt4/loss", "eval/class/gpt3/loss", "eval/class/gpt3/accuracy",
@@ -176,3 +182,35 @@ def test_eval_during_training_and_eval_cli_match_transformers(with_eval, tmp_pat
     assert list(json.loads((tmp_path / "e2" / "eval.json").read_text())["likelihood"]) == ["gpt3"]
     assert cli_main(["eval", "--ckpt", result.final_dir, "--data", str(dataset), "--out", str(tmp_path / "e3"),
                      "--conditions", "GPT5"]) == 2
+
+
+def test_eval_cli_prompts_exact_match_and_user_scorer(trained, tmp_path, monkeypatch):
+    config, _, result, _ = trained
+    dataset = config.data.dataset_dir
+    questions = ["What is two plus two?", "Hello, how are you today?", "Please write a short poem.",
+                 "What is the capital of France?"]
+    prompts = tmp_path / "prompts.jsonl"
+
+    def write(refs):
+        prompts.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": q}],
+                                               "reference": r}) + "\n" for i, (q, r) in enumerate(zip(questions, refs))))
+
+    def run_eval(out, *extra):
+        assert cli_main(["eval", "--ckpt", result.final_dir, "--data", dataset, "--out", str(tmp_path / out),
+                         "--prompts", str(prompts), "--max-new-tokens", "4", *extra]) == 0
+        return json.loads((tmp_path / out / "eval.json").read_text())["answers"]
+
+    write(["zzz"] * 4)
+    first = run_eval("a")
+    assert first["scorer"] == "exact_match" and first["records"] == 4
+    assert {k: v["score"] for k, v in first["conditions"].items()} == {"gpt4": 0.0, "gpt3": 0.0}
+    answers = [json.loads(line)["answers"][-1] for line in (tmp_path / "a" / "answers_gpt4.jsonl").read_text().splitlines()]
+    write([f"  {answers[0]} ", answers[1], "zzz", "zzz"])  # greedy: the same answers again; whitespace ignored
+    assert run_eval("b")["conditions"]["gpt4"]["score"] == 0.5
+    (tmp_path / "my_scores.py").write_text("def is_zzz(answer, reference):\n    return reference == 'zzz'\n")
+    monkeypatch.chdir(tmp_path)
+    third = run_eval("c", "--scorer", "my_scores:is_zzz")
+    assert third["scorer"] == "my_scores:is_zzz" and third["conditions"]["gpt3"]["score"] == 0.5
+    prompts.write_text(json.dumps({"id": 0, "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert cli_main(["eval", "--ckpt", result.final_dir, "--data", dataset, "--out", str(tmp_path / "d"),
+                     "--prompts", str(prompts)]) == 2  # no reference: an error naming the file and field

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,6 +53,8 @@ def load_scorer(spec: str | None) -> tuple[str, Scorer]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"--scorer {spec!r}: expected module:function, e.g. my_scores:contains_answer")
+    if os.getcwd() not in sys.path:  # a console script's path does not hold the current directory
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
