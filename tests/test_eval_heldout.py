@@ -147,7 +147,7 @@ def test_eval_during_training_and_eval_cli_match_transformers(trained, tmp_path)
     assert [r["step"] for r in rows] == [2, 4, 5]
     last = rows[-1]
     for key in ("eval/accuracy", "eval/class/gpt4/loss", "eval/class/gpt3/loss", "eval/class/gpt3/accuracy",
-                "eval/expert_condition/gpt3/loss", "eval/expert_condition/gpt4/accuracy"):
+                "eval/expert_condition/gpt3/loss", "eval/expert_condition/gpt4/accuracy", "eval/seconds"):
         assert key in last, key
     assert rows[0]["eval/loss"] != rows[-1]["eval/loss"]
 
@@ -214,3 +214,23 @@ def test_eval_cli_prompts_exact_match_and_user_scorer(trained, tmp_path, monkeyp
     prompts.write_text(json.dumps({"id": 0, "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     assert cli_main(["eval", "--ckpt", result.final_dir, "--data", dataset, "--out", str(tmp_path / "d"),
                      "--prompts", str(prompts)]) == 2  # no reference: an error naming the file and field
+
+
+def test_eval_batches_hold_every_conversation_once_and_split_between_processes(with_eval):
+    from openchat_jax.train.evaluation import local_batches
+
+    config, _ = with_eval
+    dataset = Path(config.data.dataset_dir)
+    v = load_eval_split(dataset, load_dataset_info(dataset))[1]
+    full = local_batches(v, rows=4, seq_len=96, pad_id=0)
+    segments = sum(len(np.unique(s[s > 0])) for b in full for s in b["segment_ids"])
+    assert segments == len(v.tokens) == 15
+    assert sum(b["weights"].sum() for b in full) == pytest.approx(sum(w[1:].sum() for w in v.weights))
+    assert sorted(np.concatenate([b["class_ids"][b["segment_ids"] > 0] for b in full]).tolist()) == \
+        sorted(np.repeat(v.class_ids, v.lengths).tolist())
+    halves = [local_batches(v, rows=4, seq_len=96, pad_id=0, process_index=p, process_count=2) for p in (0, 1)]
+    for b, (h0, h1) in enumerate(zip(*halves)):
+        for key in full[b]:
+            np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), full[b][key])
+    with pytest.raises(ConfigError, match="longer than the sequence length"):
+        local_batches(v, rows=4, seq_len=8, pad_id=0)

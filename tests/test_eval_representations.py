@@ -93,5 +93,6 @@ def test_cli_embeddings_match_transformers(tiny_tokenizer_dir, conversations, tm
     # every conversation under the expert condition
     assert cli_main(["analyze", "representations", "--ckpt", str(tmp_path / "ckpt"), "--data",
                      str(tmp_path / "dataset"), "--out", str(tmp_path / "rep2"), "--condition", "gpt4",
-                     "--projection", "pca", "--split", "eval"]) == 0
-    assert json.loads((tmp_path / "rep2" / "representations.json").read_text())["condition"] == "gpt4"
+                     "--projection", "pca", "--split", "eval", "--max-per-class", "5"]) == 0
+    second = json.loads((tmp_path / "rep2" / "representations.json").read_text())
+    assert second["condition"] == "gpt4" and second["conversations"] == {"gpt4": 5, "gpt3": 5}

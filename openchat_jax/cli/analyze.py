@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--condition", help="held-out split only: render every conversation with this class's "
                      "condition (default: each with its own)")
     rep.add_argument("--max-conversations", type=int, default=2000, help="random subset size (0 = all)")
+    rep.add_argument("--max-per-class", type=int, default=0,
+                     help="at most this many conversations of each class (0 = no cap), e.g. to balance the classes")
     rep.add_argument("--projection", choices=("auto", "umap", "pca"), default="auto")
     rep.add_argument("--probe-test-fraction", type=float, default=0.3)
     rep.add_argument("--batch-size", type=int, default=16)
@@ -49,7 +51,8 @@ def run_representations(args: argparse.Namespace) -> int:
     info = load_dataset_info(args.data)
     split = args.split or ("eval" if info.get("eval") else "train")
     tokens, class_ids = rep.load_conversations(args.data, info, split=split, condition=args.condition,
-                                               max_conversations=args.max_conversations, seed=args.seed)
+                                               max_conversations=args.max_conversations,
+                                               max_per_class=args.max_per_class, seed=args.seed)
     names = [c["name"] for c in info["classes"]]
     params, cfg = checkpoint_io.load_params(args.ckpt)
     if args.dtype:

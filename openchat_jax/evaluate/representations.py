@@ -25,10 +25,12 @@ from openchat_jax.model.llama import forward
 
 
 def load_conversations(dataset_dir: str | Path, info: Mapping[str, Any], *, split: str, condition: str | None = None,
-                       max_conversations: int = 0, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+                       max_conversations: int = 0, max_per_class: int = 0,
+                       seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """(token arrays, class ids). split "eval": the held-out split, each conversation under its own
     class's condition, or all under `condition` (a class name); "train": the prepared training set.
-    `max_conversations > 0` keeps a random subset of that many (by `seed`), in dataset order."""
+    `max_per_class > 0` / `max_conversations > 0` keep a random subset (by `seed`) of at most that
+    many per class / in all, in dataset order."""
     if split == "eval":
         from openchat_jax.data.eval_split import load_eval_split, variant_for_class
 
@@ -50,20 +52,27 @@ def load_conversations(dataset_dir: str | Path, info: Mapping[str, Any], *, spli
 
         with np.load(Path(dataset_dir) / INDEX_FILE) as index:
             class_ids = index["class_ids"].astype(np.int32)
-        keep = _subset(len(class_ids), max_conversations, seed)
+        keep = _subset(class_ids, max_conversations, max_per_class, seed)
         source = open_data_source(Path(dataset_dir))
         tokens = [np.asarray(source[int(i)]["tokens"]) for i in keep]
         return tokens, class_ids[keep]
     else:
         raise ConfigError(f"split {split!r}: choose eval or train")
-    keep = _subset(len(class_ids), max_conversations, seed)
+    keep = _subset(np.asarray(class_ids), max_conversations, max_per_class, seed)
     return [tokens[i] for i in keep], np.asarray(class_ids)[keep]
 
 
-def _subset(n: int, max_items: int, seed: int) -> np.ndarray:
-    if max_items <= 0 or max_items >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, max_items, replace=False))
+def _subset(class_ids: np.ndarray, max_items: int, max_per_class: int, seed: int) -> np.ndarray:
+    order = np.random.default_rng(seed).permutation(len(class_ids))
+    if max_per_class > 0:
+        rank = np.zeros(len(order), np.int64)  # position of each item among its class, in `order`
+        for c in np.unique(class_ids):
+            mine = order[class_ids[order] == c]
+            rank[mine] = np.arange(len(mine))
+        order = order[rank[order] < max_per_class]
+    if max_items > 0:
+        order = order[:max_items]
+    return np.sort(order)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

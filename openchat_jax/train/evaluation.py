@@ -15,12 +15,14 @@ Training (`train.eval_every > 0`) logs, at every `eval_every` steps and at the l
   eval/loss, eval/accuracy                  all classes, each under its own condition
   eval/class/<c>/{loss,accuracy}            class c under its own condition
   eval/expert_condition/<c>/{loss,accuracy} class c under the expert class's condition
+  eval/seconds                              wall time of this evaluation (the first includes compiling)
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -176,7 +178,9 @@ class EvalHook:
         return step % self.every == 0 or step == self.total_steps
 
     def __call__(self, step: int, params: Any, writer: Any) -> dict[str, float]:
+        start = time.perf_counter()
         scalars = self.evaluator.scalars(params)
+        scalars[EVAL_PREFIX + "seconds"] = time.perf_counter() - start  # the first call includes the compile
         writer.write(step, scalars)
         return {"step": step, **scalars}
 
