@@ -96,3 +96,10 @@ def test_cli_embeddings_match_transformers(tiny_tokenizer_dir, conversations, tm
                      "--projection", "pca", "--split", "eval", "--max-per-class", "5"]) == 0
     second = json.loads((tmp_path / "rep2" / "representations.json").read_text())
     assert second["condition"] == "gpt4" and second["conversations"] == {"gpt4": 5, "gpt3": 5}
+    from openchat_jax.evaluate.representations import plot_saved
+
+    assert plot_saved([out, tmp_path / "rep2"], tmp_path / "both.png").stat().st_size > 1000
+    # a model whose vocabulary is smaller than the dataset's tokenizer: an error, not clamped ids
+    import_hf(str(hf_fixtures.make_hf_checkpoint(tmp_path / "hf_small")), str(tmp_path / "small"))
+    assert cli_main(["analyze", "representations", "--ckpt", str(tmp_path / "small"), "--data",
+                     str(tmp_path / "dataset"), "--out", str(tmp_path / "rep3")]) == 2

@@ -44,6 +44,7 @@ def run_representations(args: argparse.Namespace) -> int:
     from openchat_jax.data.prepare import load_dataset_info
     from openchat_jax.errors import ConfigError
     from openchat_jax.evaluate import representations as rep
+    from openchat_jax.evaluate.checkpoint import check_vocabulary
     from openchat_jax.model import checkpoint_io
 
     if not 0 < args.probe_test_fraction < 1:
@@ -57,6 +58,7 @@ def run_representations(args: argparse.Namespace) -> int:
     params, cfg = checkpoint_io.load_params(args.ckpt)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
+    check_vocabulary(cfg, info, args.ckpt, args.data)
     x = rep.embed(jax.device_put(params), cfg, tokens, seq_len=int(info["max_length"]), batch_size=args.batch_size,
                   pad_id=int(info.get("pad_id", 0)))
     labels = [names[k] for k in class_ids.tolist()]
@@ -71,11 +73,11 @@ def run_representations(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "embeddings.npz", embeddings=x, class_ids=class_ids, coords=coords)
+    np.savez(out / "embeddings.npz", embeddings=x, class_ids=class_ids, labels=np.asarray(labels), coords=coords)
     (out / "representations.json").write_text(json.dumps(result, indent=1))
     title = (f"{Path(args.ckpt.rstrip('/')).name}: {method.upper()} of mean-pooled last-layer states\n"
              f"probe acc {result['probe_test_accuracy']:.3f}, silhouette {result['silhouette']:.3f}")
-    png = rep.plot(coords, labels, out / "representations.png", title)
+    png = rep.plot([(coords, labels, title)], out / "representations.png")
     print(f"{sum(result['conversations'].values())} conversations ({split} split): linear probe held-out accuracy "
           f"{result['probe_test_accuracy']:.3f} (majority {result['majority_baseline']:.3f}), "
           f"silhouette {result['silhouette']:.3f}; {method} plot {png}")

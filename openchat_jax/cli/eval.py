@@ -36,14 +36,16 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from openchat_jax.cli.generate import parse_mesh
+    from openchat_jax.data.eval_split import load_eval_split
     from openchat_jax.data.prepare import load_dataset_info
     from openchat_jax.data.template import ConvClass
     from openchat_jax.errors import ConfigError
-    from openchat_jax.evaluate.checkpoint import load_scorer, plot, score_answers, select_renderings
+    from openchat_jax.evaluate.checkpoint import (
+        check_vocabulary, load_scorer, plot, score_answers, select_renderings,
+    )
     from openchat_jax.model import checkpoint_io
     from openchat_jax.train import mesh as mesh_lib
     from openchat_jax.train.evaluation import HeldOutEval
-    from openchat_jax.data.eval_split import load_eval_split
 
     info = load_dataset_info(args.data)
     conditions = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
@@ -52,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         from openchat_jax.evaluate.checkpoint import read_references
         from openchat_jax.infer.prompts import read_prompts
 
-        read_prompts(args.prompts), read_references(args.prompts), load_scorer(args.scorer)  # fail early
+        read_prompts(args.prompts)  # a bad prompts file or scorer fails before the model loads
+        read_references(args.prompts)
+        load_scorer(args.scorer)
     mesh, rules = parse_mesh(args.mesh)
     if mesh is None:
         mesh, rules = mesh_lib.make_mesh({"fsdp": -1}, jax.local_devices()[:1]), mesh_lib.LOGICAL_AXIS_RULES
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         params, cfg = checkpoint_io.load_params(args.ckpt, mesh_lib.param_shardings(cfg, mesh, rules))
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
+    check_vocabulary(cfg, info, args.ckpt, args.data)
     evaluator = HeldOutEval(args.data, info, cfg, mesh, rows=args.batch_size, seq_len=int(info["max_length"]),
                             variants=names, rules=rules)
     report = {

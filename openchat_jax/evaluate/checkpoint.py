@@ -26,6 +26,13 @@ from openchat_jax.errors import ConfigError, DataError
 Scorer = Callable[[str, Any], Any]
 
 
+def check_vocabulary(cfg: Any, info: Mapping[str, Any], ckpt: str, data: str) -> None:
+    """A token id past the model's vocabulary would be clamped silently by the embedding lookup."""
+    if cfg.vocab_size < int(info.get("vocab_size", 0)):
+        raise ConfigError(f"{ckpt}: the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's of "
+                          f"{data} ({info['vocab_size']}): this dataset was not prepared for this model")
+
+
 def select_renderings(variants: Sequence[Any], conditions: Sequence[str] | None) -> list[str]:
     """Rendering names for `--conditions`: each item is a class name or a condition text."""
     if not conditions:

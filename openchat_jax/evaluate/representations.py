@@ -12,6 +12,7 @@ of the classes (Euclidean). The 2-D picture is UMAP when `umap-learn` is importa
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -201,23 +202,44 @@ def probe_accuracy(x_NxE: np.ndarray, labels: np.ndarray, *, test_fraction: floa
     }
 
 
-def plot(coords_Nx2: np.ndarray, labels: Sequence[str], path: str | Path, title: str) -> Path:
+Panel = tuple[np.ndarray, Sequence[str], str]  # 2-D coordinates [N, 2], class name of each point, title
+
+
+def plot(panels: Sequence[Panel], path: str | Path) -> Path:
+    """One scatter plot per panel, points coloured by class (the same colour for a class throughout)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = np.asarray(labels)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    for name in dict.fromkeys(labels.tolist()):
-        pts = coords_Nx2[labels == name]
-        ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, label=f"{name} ({len(pts)})")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.legend(fontsize=8, markerscale=2)
+    names = list(dict.fromkeys(n for _, labels, _ in panels for n in labels))
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (coords, labels, title) in zip(axes[0], panels):
+        labels = np.asarray(labels)
+        for name in names:
+            pts = coords[labels == name]
+            if len(pts):
+                ax.scatter(pts[:, 0], pts[:, 1], s=5, alpha=0.6, color=colors[name], label=f"{name} ({len(pts)})")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
+
+
+def plot_saved(out_dirs: Sequence[str | Path], path: str | Path, titles: Sequence[str] | None = None) -> Path:
+    """Several `analyze representations` outputs side by side (their embeddings.npz and JSON)."""
+    panels = []
+    for i, d in enumerate(out_dirs):
+        saved = np.load(Path(d) / "embeddings.npz")
+        result = json.loads((Path(d) / "representations.json").read_text())
+        title = titles[i] if titles else Path(d).name
+        title += f"\nprobe {result['probe_test_accuracy']:.2f} (majority {result['majority_baseline']:.2f}), " \
+                 f"silhouette {result['silhouette']:.2f}"
+        panels.append((saved["coords"], [str(x) for x in saved["labels"]], title))
+    return plot(panels, path)
