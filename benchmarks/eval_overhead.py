@@ -37,6 +37,7 @@ def main() -> None:
     from openchat_jax.demo.config import get_config
     from openchat_jax.demo.run import VARIANTS, task_spec, tokenizer_words, variant_config
     from openchat_jax.demo.tokenizer import build_demo_tokenizer
+    from openchat_jax.train.evaluation import make_eval_step
     from openchat_jax.train.loop import build_run, train
 
     out = Path(args.out)
@@ -58,6 +59,8 @@ def main() -> None:
     inside: list[float] = []  # eval seconds / run seconds, measured within each run with eval
     for repeat in range(args.repeats):
         for every in (0, args.eval_every):
+            jax.clear_caches()  # every run compiles as a fresh process would
+            make_eval_step.cache_clear()
             cfg = base.copy_and_resolve_references()
             cfg.train.eval_every = every
             cfg.workdir = str(out / f"run_{repeat}_{every}")
