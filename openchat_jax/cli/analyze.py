@@ -35,50 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_representations(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
+    from openchat_jax.evaluate.representations import analyze_representations
 
-    import jax
-    import numpy as np
-
-    from openchat_jax.data.prepare import load_dataset_info
-    from openchat_jax.errors import ConfigError
-    from openchat_jax.evaluate import representations as rep
-    from openchat_jax.evaluate.checkpoint import check_vocabulary
-    from openchat_jax.model import checkpoint_io
-
-    if not 0 < args.probe_test_fraction < 1:
-        raise ConfigError(f"--probe-test-fraction must be in (0, 1), got {args.probe_test_fraction}")
-    info = load_dataset_info(args.data)
-    split = args.split or ("eval" if info.get("eval") else "train")
-    tokens, class_ids = rep.load_conversations(args.data, info, split=split, condition=args.condition,
-                                               max_conversations=args.max_conversations,
-                                               max_per_class=args.max_per_class, seed=args.seed)
-    names = [c["name"] for c in info["classes"]]
-    params, cfg = checkpoint_io.load_params(args.ckpt)
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype)
-    check_vocabulary(cfg, info, args.ckpt, args.data)
-    x = rep.embed(jax.device_put(params), cfg, tokens, seq_len=int(info["max_length"]), batch_size=args.batch_size,
-                  pad_id=int(info.get("pad_id", 0)))
-    labels = [names[k] for k in class_ids.tolist()]
-    coords, method = rep.project_2d(x, args.projection, args.seed)
-    result = {
-        "ckpt": args.ckpt, "data": args.data, "split": split, "condition": args.condition or "own",
-        "conversations": {n: labels.count(n) for n in names if n in labels},
-        "embedding": "mean over each conversation's tokens of the last-layer hidden states (after the final norm)",
-        "projection": method,
-        **rep.probe_accuracy(x, class_ids, test_fraction=args.probe_test_fraction, seed=args.seed),
-        "silhouette": rep.silhouette(x, class_ids),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "embeddings.npz", embeddings=x, class_ids=class_ids, labels=np.asarray(labels), coords=coords)
-    (out / "representations.json").write_text(json.dumps(result, indent=1))
-    title = (f"{Path(args.ckpt.rstrip('/')).name}: {method.upper()} of mean-pooled last-layer states\n"
-             f"probe acc {result['probe_test_accuracy']:.3f}, silhouette {result['silhouette']:.3f}")
-    png = rep.plot([(coords, labels, title)], out / "representations.png")
-    print(f"{sum(result['conversations'].values())} conversations ({split} split): linear probe held-out accuracy "
-          f"{result['probe_test_accuracy']:.3f} (majority {result['majority_baseline']:.3f}), "
-          f"silhouette {result['silhouette']:.3f}; {method} plot {png}")
+    result = analyze_representations(
+        args.ckpt, args.data, args.out, split=args.split, condition=args.condition,
+        max_conversations=args.max_conversations, max_per_class=args.max_per_class, projection=args.projection,
+        probe_test_fraction=args.probe_test_fraction, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
+    )
+    print(f"{sum(result['conversations'].values())} conversations ({result['split']} split): linear probe held-out "
+          f"accuracy {result['probe_test_accuracy']:.3f} (majority {result['majority_baseline']:.3f}), silhouette "
+          f"{result['silhouette']:.3f}; {result['projection']} plot {args.out}/representations.png")
     return 0

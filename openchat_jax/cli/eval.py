@@ -30,66 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    import jax
-
     from openchat_jax.cli.generate import parse_mesh
-    from openchat_jax.data.eval_split import load_eval_split
-    from openchat_jax.data.prepare import load_dataset_info
-    from openchat_jax.data.template import ConvClass
-    from openchat_jax.errors import ConfigError
-    from openchat_jax.evaluate.checkpoint import (
-        check_vocabulary, load_scorer, plot, score_answers, select_renderings,
-    )
-    from openchat_jax.model import checkpoint_io
-    from openchat_jax.train import mesh as mesh_lib
-    from openchat_jax.train.evaluation import HeldOutEval
+    from openchat_jax.evaluate.checkpoint import evaluate_checkpoint
 
-    info = load_dataset_info(args.data)
-    conditions = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
-    names = select_renderings(load_eval_split(args.data, info), conditions)
-    if args.prompts:
-        from openchat_jax.evaluate.checkpoint import read_references
-        from openchat_jax.infer.prompts import read_prompts
-
-        read_prompts(args.prompts)  # a bad prompts file or scorer fails before the model loads
-        read_references(args.prompts)
-        load_scorer(args.scorer)
     mesh, rules = parse_mesh(args.mesh)
-    if mesh is None:
-        mesh, rules = mesh_lib.make_mesh({"fsdp": -1}, jax.local_devices()[:1]), mesh_lib.LOGICAL_AXIS_RULES
-    if args.batch_size < 1 or args.batch_size % mesh_lib.batch_axis_size(mesh):
-        raise ConfigError(f"--batch-size {args.batch_size} must be a positive multiple of the mesh's "
-                          f"batch devices ({mesh_lib.batch_axis_size(mesh)})")
-    model = None
-    if args.prompts:
-        from openchat_jax.infer.engine import load_chat_model
-
-        model = load_chat_model(args.ckpt, tokenizer_path=args.tokenizer, mesh=mesh, rules=rules)
-        params, cfg = model.params, model.cfg
-    else:
-        cfg = checkpoint_io.read_model_config(args.ckpt)
-        params, cfg = checkpoint_io.load_params(args.ckpt, mesh_lib.param_shardings(cfg, mesh, rules))
-    if args.dtype:
-        cfg = cfg.replace(dtype=args.dtype)
-    check_vocabulary(cfg, info, args.ckpt, args.data)
-    evaluator = HeldOutEval(args.data, info, cfg, mesh, rows=args.batch_size, seq_len=int(info["max_length"]),
-                            variants=names, rules=rules)
-    report = {
-        "ckpt": args.ckpt, "data": args.data, "held_out_conversations": evaluator.num_conversations,
-        "conditions": {v.name: v.condition for v in evaluator.variants},
-        "likelihood": evaluator.table(params),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if model is not None:
-        classes = [ConvClass(v.name, v.condition, 1.0) for v in evaluator.variants]
-        report["answers"] = score_answers(model, args.prompts, classes, out, scorer_spec=args.scorer,
-                                          max_new_tokens=args.max_new_tokens)
-    (out / "eval.json").write_text(json.dumps(report, indent=1))
-    png = plot(report, out / "eval.png")
+    report = evaluate_checkpoint(
+        args.ckpt, args.data, args.out, conditions=args.conditions.split(",") if args.conditions else None,
+        mesh=mesh, rules=rules, batch_size=args.batch_size, dtype=args.dtype, prompts=args.prompts,
+        scorer=args.scorer, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,
+    )
     for rendering, classes in report["likelihood"].items():
         cond = report["conditions"][rendering] or "plain"
         for cls, row in classes.items():
@@ -97,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
                   f"({row['tokens']:.0f} tokens)")
     for name, row in report.get("answers", {}).get("conditions", {}).items():
         print(f"answers under {name}: {report['answers']['scorer']} {row['score']:.3f}")
-    print(f"wrote {out / 'eval.json'} and {png}")
+    print(f"wrote {args.out}/eval.json and {args.out}/eval.png")
     return 0

@@ -106,6 +106,64 @@ def score_answers(model: Any, prompts_path: str | Path, classes: Sequence[ConvCl
     return out
 
 
+def evaluate_checkpoint(ckpt: str, data: str, out_dir: str | Path, *, conditions: Sequence[str] | None = None,
+                        mesh: Any = None, rules: Any = None, batch_size: int = 8, dtype: str | None = None,
+                        prompts: str | None = None, scorer: str | None = None, max_new_tokens: int = 512,
+                        tokenizer: str | None = None) -> dict[str, Any]:
+    """The whole `eval` command (module docstring): returns the report, also written with its plot
+    to OUT/eval.json and OUT/eval.png. No mesh: one device."""
+    import jax
+
+    from openchat_jax.data.eval_split import load_eval_split
+    from openchat_jax.data.prepare import load_dataset_info
+    from openchat_jax.model import checkpoint_io
+    from openchat_jax.train import mesh as mesh_lib
+    from openchat_jax.train.evaluation import HeldOutEval
+
+    info = load_dataset_info(data)
+    names = select_renderings(load_eval_split(data, info), [c.strip() for c in conditions] if conditions else None)
+    if prompts:  # a bad prompts file or scorer fails before the model loads
+        from openchat_jax.infer.prompts import read_prompts
+
+        read_prompts(prompts)
+        read_references(prompts)
+        load_scorer(scorer)
+    if mesh is None:
+        mesh, rules = mesh_lib.make_mesh({"fsdp": -1}, jax.local_devices()[:1]), mesh_lib.LOGICAL_AXIS_RULES
+    rules = mesh_lib.LOGICAL_AXIS_RULES if rules is None else rules
+    if batch_size < 1 or batch_size % mesh_lib.batch_axis_size(mesh):
+        raise ConfigError(f"--batch-size {batch_size} must be a positive multiple of the mesh's batch devices "
+                          f"({mesh_lib.batch_axis_size(mesh)})")
+    model = None
+    if prompts:
+        from openchat_jax.infer.engine import load_chat_model
+
+        model = load_chat_model(ckpt, tokenizer_path=tokenizer, mesh=mesh, rules=rules)
+        params, cfg = model.params, model.cfg
+    else:
+        cfg = checkpoint_io.read_model_config(ckpt)
+        params, cfg = checkpoint_io.load_params(ckpt, mesh_lib.param_shardings(cfg, mesh, rules))
+    if dtype:
+        cfg = cfg.replace(dtype=dtype)
+    check_vocabulary(cfg, info, ckpt, data)
+    evaluator = HeldOutEval(data, info, cfg, mesh, rows=batch_size, seq_len=int(info["max_length"]),
+                            variants=names, rules=rules)
+    report: dict[str, Any] = {
+        "ckpt": ckpt, "data": data, "held_out_conversations": evaluator.num_conversations,
+        "conditions": {v.name: v.condition for v in evaluator.variants},
+        "likelihood": evaluator.table(params),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        classes = [ConvClass(v.name, v.condition, 1.0) for v in evaluator.variants]
+        report["answers"] = score_answers(model, prompts, classes, out, scorer_spec=scorer,
+                                          max_new_tokens=max_new_tokens)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    plot(report, out / "eval.png")
+    return report
+
+
 def plot(report: Mapping[str, Any], path: str | Path) -> Path:
     """Left: NLL of each class's held-out tokens under each condition; right (with answers): scores."""
     import matplotlib

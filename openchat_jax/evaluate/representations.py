@@ -243,3 +243,47 @@ def plot_saved(out_dirs: Sequence[str | Path], path: str | Path, titles: Sequenc
                  f"silhouette {result['silhouette']:.2f}"
         panels.append((saved["coords"], [str(x) for x in saved["labels"]], title))
     return plot(panels, path)
+
+
+def analyze_representations(ckpt: str, data: str, out_dir: str | Path, *, split: str | None = None,
+                            condition: str | None = None, max_conversations: int = 2000, max_per_class: int = 0,
+                            projection: str = "auto", probe_test_fraction: float = 0.3, batch_size: int = 16,
+                            seed: int = 0, dtype: str | None = None) -> dict[str, Any]:
+    """The whole `analyze representations` command (module docstring); writes OUT/representations.json,
+    OUT/representations.png and OUT/embeddings.npz and returns the JSON's content. `split` None: the
+    held-out split when the dataset has one, else the training set."""
+    from openchat_jax.data.prepare import load_dataset_info
+    from openchat_jax.evaluate.checkpoint import check_vocabulary
+    from openchat_jax.model import checkpoint_io
+
+    if not 0 < probe_test_fraction < 1:
+        raise ConfigError(f"--probe-test-fraction must be in (0, 1), got {probe_test_fraction}")
+    info = load_dataset_info(data)
+    split = split or ("eval" if info.get("eval") else "train")
+    tokens, class_ids = load_conversations(data, info, split=split, condition=condition,
+                                           max_conversations=max_conversations, max_per_class=max_per_class, seed=seed)
+    names = [c["name"] for c in info["classes"]]
+    params, cfg = checkpoint_io.load_params(ckpt)
+    if dtype:
+        cfg = cfg.replace(dtype=dtype)
+    check_vocabulary(cfg, info, ckpt, data)
+    x = embed(jax.device_put(params), cfg, tokens, seq_len=int(info["max_length"]), batch_size=batch_size,
+              pad_id=int(info.get("pad_id", 0)))
+    labels = [names[k] for k in class_ids.tolist()]
+    coords, method = project_2d(x, projection, seed)
+    result = {
+        "ckpt": ckpt, "data": data, "split": split, "condition": condition or "own",
+        "conversations": {n: labels.count(n) for n in names if n in labels},
+        "embedding": "mean over each conversation's tokens of the last-layer hidden states (after the final norm)",
+        "projection": method,
+        **probe_accuracy(x, class_ids, test_fraction=probe_test_fraction, seed=seed),
+        "silhouette": silhouette(x, class_ids),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "embeddings.npz", embeddings=x, class_ids=class_ids, labels=np.asarray(labels), coords=coords)
+    (out / "representations.json").write_text(json.dumps(result, indent=1))
+    title = (f"{Path(ckpt.rstrip('/')).name}: {method.upper()} of mean-pooled last-layer states\n"
+             f"probe acc {result['probe_test_accuracy']:.3f}, silhouette {result['silhouette']:.3f}")
+    plot([(coords, labels, title)], out / "representations.png")
+    return result
