@@ -27,6 +27,8 @@ COMMANDS = {
     "chat": "chat",
     "demo": "demo",
     "plan": "plan",
+    "eval": "eval",
+    "analyze": "analyze",
 }
 
 

@@ -70,6 +70,11 @@ def data_defaults() -> ml_collections.ConfigDict:
         "num_workers": 0,  # tokenization processes; 0 = one per CPU core
         # Template family: openchat_v3.2 (Llama-2), openchat_3.5 (Mistral), openchat_3.6 (Llama-3).
         "template": DEFAULT_FAMILY,
+        # Held-out split (see data/eval_split.py): a fraction of the conversations, drawn by
+        # eval_seed, or the conversations of eval_files (not both). 0.0 and [] = none.
+        "eval_fraction": 0.0,
+        "eval_files": [],
+        "eval_seed": 0,
     })
 
 
@@ -95,6 +100,9 @@ class DataSpec:
     allow_empty_classes: bool = False
     mask_phrases: tuple[str, ...] = ()  # case-folded
     template: str = DEFAULT_FAMILY
+    eval_fraction: float = 0.0
+    eval_files: tuple[Path, ...] = ()
+    eval_seed: int = 0
 
     def class_for_label(self, label: str | None) -> int | None:
         return self.match_label(label)[0]
@@ -213,6 +221,15 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
     template = str(data.get("template", DEFAULT_FAMILY))
     if template not in FAMILIES:
         raise ConfigError(f"data.template = {template!r}: known templates are {sorted(FAMILIES)}")
+    eval_fraction = data.get("eval_fraction", 0.0)
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be a number in [0, 1), got {eval_fraction!r}")
+    eval_files = _as_plain(data.get("eval_files")) or []
+    if eval_fraction and eval_files:
+        raise ConfigError("give either data.eval_fraction or data.eval_files for the held-out split, not both")
+    eval_seed = data.get("eval_seed", 0)
+    if isinstance(eval_seed, bool) or not isinstance(eval_seed, int):
+        raise ConfigError(f"data.eval_seed must be an integer, got {eval_seed!r}")
     if need_files:
         if not data.get("tokenizer"):
             raise ConfigError("data.tokenizer is empty: give a tokenizer folder or hub name")
@@ -236,6 +253,9 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
         allow_empty_classes=bool(data.get("allow_empty_classes", False)),
         mask_phrases=read_mask_phrases(mask_file) if need_files and mask_file else (),
         template=template,
+        eval_fraction=float(eval_fraction),
+        eval_files=_expand_eval_files(eval_files) if need_files and eval_files else (),
+        eval_seed=eval_seed,
     )
 
 
@@ -294,3 +314,10 @@ def read_mask_phrases(path: str | Path) -> tuple[str, ...]:
     if not phrases:
         raise ConfigError(f"data.mask_phrases_file: {p} holds no phrase (one phrase per line)")
     return phrases
+
+
+def _expand_eval_files(patterns: Any) -> tuple[Path, ...]:
+    try:
+        return expand_files(patterns)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("data.files", "data.eval_files", 1)) from None

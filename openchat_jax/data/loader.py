@@ -26,7 +26,7 @@ import math
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -133,31 +133,7 @@ class PackedLoader(grain.DatasetIterator):
         rows = self.local_rows(k)
         wanted = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         records = self._read(wanted.tolist())
-        B, L = self.local_batch_size, self.seq_len
-        out = {
-            "tokens": np.full((B, L), self.pad_id, np.int32),
-            "targets": np.zeros((B, L), np.int32),
-            "weights": np.zeros((B, L), np.float32),
-            "segment_ids": np.zeros((B, L), np.int32),
-            "positions": np.zeros((B, L), np.int32),
-            "class_ids": np.full((B, L), -1, np.int32),
-        }
-        arange = np.arange(L, dtype=np.int32)
-        for r, items in enumerate(rows):
-            off = 0
-            for seg, i in enumerate(items.tolist(), start=1):
-                rec = records[i]
-                tok, w = rec["tokens"], rec["weights"]
-                n = len(tok)
-                end = off + n
-                out["tokens"][r, off:end] = tok
-                out["targets"][r, off:end - 1] = tok[1:]
-                out["weights"][r, off:end - 1] = w[1:]
-                out["segment_ids"][r, off:end] = seg
-                out["positions"][r, off:end] = arange[:n]
-                out["class_ids"][r, off:end] = rec["class_id"]
-                off = end
-        return out
+        return pack_rows([[records[i] for i in items.tolist()] for items in rows], self.seq_len, self.pad_id)
 
     def _read(self, indices: list[int]) -> dict[int, dict[str, Any]]:
         if not indices:
@@ -195,6 +171,35 @@ class PackedLoader(grain.DatasetIterator):
         _ = self.source
         self._it = iter(self._dataset.to_iter_dataset(self._read_options))
         self._it.set_state(state["iterator"])
+
+
+def pack_rows(rows: Sequence[Sequence[Mapping[str, Any]]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A batch (see the module docstring) with one row per entry of `rows`, each a list of records
+    {"tokens", "weights", "class_id"} placed one after the other."""
+    B, L = len(rows), seq_len
+    out = {
+        "tokens": np.full((B, L), pad_id, np.int32),
+        "targets": np.zeros((B, L), np.int32),
+        "weights": np.zeros((B, L), np.float32),
+        "segment_ids": np.zeros((B, L), np.int32),
+        "positions": np.zeros((B, L), np.int32),
+        "class_ids": np.full((B, L), -1, np.int32),
+    }
+    arange = np.arange(L, dtype=np.int32)
+    for r, records in enumerate(rows):
+        off = 0
+        for seg, rec in enumerate(records, start=1):
+            tok, w = rec["tokens"], rec["weights"]
+            n = len(tok)
+            end = off + n
+            out["tokens"][r, off:end] = tok
+            out["targets"][r, off:end - 1] = tok[1:]
+            out["weights"][r, off:end - 1] = w[1:]
+            out["segment_ids"][r, off:end] = seg
+            out["positions"][r, off:end] = arange[:n]
+            out["class_ids"][r, off:end] = rec["class_id"]
+            off = end
+    return out
 
 
 def make_loader(dataset_dir: str | Path, *, global_batch_size: int, seq_len: int, seed: int,

@@ -6,6 +6,7 @@ Output folder (`data.dataset_dir`):
   dataset_info.json               what the train side needs (classes, eot id, vocab size, ...)
   report.json                     per-class counts, the label table (label value -> class ->
                                   conversations), masked replies, every skipped record (file, line, reason)
+  eval/                           the held-out split, when asked for (see eval_split.py)
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ def _prepare_into(work: Path, spec: DataSpec, tokenizer, eot_id: int, *, progres
     from openchat_jax.data.tfds_builder import BUILDER_NAME, make_builder, version_dir
 
     read = read_conversations(spec)
+    from openchat_jax.data.eval_split import hold_out, write_eval_split
+
+    held = hold_out(spec, read)  # removes an eval_fraction split from `read`
     skips: list[Skip] = list(read.skips)
     names = [c.name for c in spec.classes]
     _check_empty_classes(spec, read.class_ids, [c.label for c in read.conversations], "read")
@@ -261,6 +265,9 @@ def _prepare_into(work: Path, spec: DataSpec, tokenizer, eot_id: int, *, progres
         "total_tokens": int(sum(lengths)),
         "total_supervised_tokens": total_supervised,
     }
+    eval_report = None
+    if held is not None:
+        info["eval"], eval_report = write_eval_split(work, spec, tokenizer, eot_id, held)
     (work / INFO_FILE).write_text(json.dumps(info, indent=1))
 
     skips.sort(key=lambda s: (s.file, s.line))
@@ -286,7 +293,11 @@ def _prepare_into(work: Path, spec: DataSpec, tokenizer, eot_id: int, *, progres
         "wall_time_s": 0.0,
         "skipped_records": [s.to_dict() for s in skips],
     }
-    assert report["examples"] + report["skipped"] == report["input_records"], report  # every record accounted
+    held_out = held.input_records if held is not None and held.source == "eval_fraction" else 0
+    if eval_report is not None:
+        report.update(held_out=held_out, eval=eval_report)
+    # every record accounted
+    assert report["examples"] + report["skipped"] + held_out == report["input_records"], report
     return report
 
 

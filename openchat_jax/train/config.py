@@ -75,6 +75,10 @@ def train_defaults() -> ml_collections.ConfigDict:
         # steps, batch, seed, data; compared with WORKDIR/config.json) is refused unless True, which
         # logs what changed.
         "allow_changed_resume": False,
+        # > 0: every this many steps and at the last step, score the prepared held-out split
+        # (data.eval_fraction / data.eval_files) per class, under its own and the expert condition
+        # (train/evaluation.py); written to metrics.jsonl and TensorBoard as eval/*. 0 = off.
+        "eval_every": 0,
     })
 
 

@@ -42,7 +42,7 @@ from openchat_jax.train.loss import BATCH_KEYS
 from openchat_jax.train.metrics import MetricsWriter, ProgressBar, named_scalars
 from openchat_jax.train.optimizer import make_optimizer
 from openchat_jax.train.step import (
-    StepFn, TrainState, abstract_train_state, build_step, init_train_state,
+    StepFn, TrainState, abstract_train_state, build_step, init_train_state, loss_options,
 )
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class Run:
     peak_flops: float | None  # all devices together; None = unknown (no MFU)
     seq_len_source: str = "data.max_length"  # where seq_len came from, for the startup summary
     batches_per_epoch: int = 0  # 0 = unknown (no epoch in the metrics)
+    eval_hook: Any = None  # train.evaluation.EvalHook when train.eval_every > 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -151,6 +152,7 @@ class TrainResult:
     final_dir: str | None
     start_step: int = 0  # the step this call started from (restored checkpoint, or 0)
     already_finished: bool = False  # the run had reached its last step and written final/ before this call
+    eval_history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # eval/* scalars per eval
 
 
 def _check_batch_config(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[int, int]:
@@ -250,12 +252,16 @@ def build_run(
         )
     tx, schedule, peak_lr = make_optimizer(config.train, total_steps, B * seq_len)
     step_fn = build_step(model_cfg, config.train, tx, schedule, mesh, num_classes=len(class_names), seq_len=seq_len)
+    from openchat_jax.train.evaluation import make_eval_hook
+
+    eval_hook = make_eval_hook(config, info, model_cfg, mesh, total_steps,
+                               loss_options(config.train, seq_len)["loss_chunk_length"])
     return Run(
         config=config, model_cfg=model_cfg, mesh=mesh, loader=loader, dataset_info=info, class_names=class_names,
         seq_len=seq_len, global_batch_size=B, total_steps=total_steps, tx=tx, schedule=schedule, peak_lr=peak_lr,
         step_fn=step_fn, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
         peak_flops=_peak_flops(config, model_cfg, mesh), seq_len_source=seq_len_source,
-        batches_per_epoch=int(getattr(loader, "batches_per_epoch", 0) or 0),
+        batches_per_epoch=int(getattr(loader, "batches_per_epoch", 0) or 0), eval_hook=eval_hook,
     )
 
 
@@ -411,6 +417,7 @@ def train(
     bar = ProgressBar(run.total_steps, initial=start, enabled=primary and config.train.progress)
     meter = _Meter(run)
     history: list[dict[str, float]] = []
+    eval_history: list[dict[str, float]] = []
     log_every = max(1, int(config.train.log_every))
     batches: Iterator = iter(run.loader)
     pending: tuple[int, Any] | None = None
@@ -450,6 +457,8 @@ def train(
                 # The first step includes compilation: fetch it now, so throughput is timed from here.
                 fetch(pending)
                 pending = None
+            if run.eval_hook is not None and run.eval_hook.due(step):
+                eval_history.append(run.eval_hook(step, state["params"], writer))
             if checkpointer is not None and checkpointer.due(step) and step < run.total_steps:
                 checkpointer.save(step, state, run.loader)
                 last_saved = step
@@ -473,7 +482,7 @@ def train(
                                          final_dir=final_dir, paths=paths):
         tell(line)
     return TrainResult(state=state, steps_done=step, stopped=stopped, history=history, final_dir=final_dir,
-                       start_step=start)
+                       start_step=start, eval_history=eval_history)
 
 
 def save_final_weights(run: Run, state: TrainState, out_dir: str) -> None:

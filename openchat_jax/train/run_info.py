@@ -28,7 +28,7 @@ CONFIG_FILE = "config.json"
 NOT_TRAJECTORY = frozenset({
     "train.log_every", "train.progress", "train.tensorboard", "train.peak_flops_per_device",
     "train.max_nonfinite_in_a_row", "train.allow_changed_resume", "train.micro_batches", "train.fused_head_loss",
-    "train.loss_chunk_length", "train.skip_unsupervised_logits",
+    "train.loss_chunk_length", "train.skip_unsupervised_logits", "train.eval_every",
 })
 TRAJECTORY_PREFIXES = ("train.", f"{RESOLVED}.")
 TRAJECTORY_FIELDS = frozenset({"seed", "init_from", "data.dataset_dir"})
