@@ -30,10 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openchat_jax.cli.generate import parse_mesh
+    from openchat_jax.cli.generate import mesh_from_flag
     from openchat_jax.evaluate.checkpoint import evaluate_checkpoint
 
-    mesh, rules = parse_mesh(args.mesh)
+    mesh, rules = mesh_from_flag(args.mesh)
     report = evaluate_checkpoint(
         args.ckpt, args.data, args.out, conditions=args.conditions.split(",") if args.conditions else None,
         mesh=mesh, rules=rules, batch_size=args.batch_size, dtype=args.dtype, prompts=args.prompts,

@@ -32,7 +32,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "(default: one device)")
 
 
-def _mesh(text: str | None):
+def mesh_from_flag(text: str | None):
+    """`--mesh` as (mesh, rules), or (None, None) for one device; chat, generate and eval share it."""
     if not text:
         return None, None
     from openchat_jax.train.mesh import LOGICAL_AXIS_RULES, make_mesh
@@ -52,7 +53,7 @@ def load(args: argparse.Namespace):
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     conv_class = resolve_condition(args.ckpt, class_name=args.condition, condition_text=args.condition_text,
                                    classes_from=args.classes_from)
-    mesh, rules = _mesh(args.mesh)
+    mesh, rules = mesh_from_flag(args.mesh)
     model = load_chat_model(args.ckpt, tokenizer_path=args.tokenizer, mesh=mesh, rules=rules, dtype=args.dtype,
                             template=args.template)
     return model, conv_class, sampling
