@@ -1,4 +1,4 @@
-"""Small random Hugging Face Llama checkpoints (torch CPU) built in tmp folders for tests."""
+"""Small random Hugging Face Llama / Mistral checkpoints (torch CPU) built in tmp folders for tests."""
 
 from __future__ import annotations
 
@@ -21,16 +21,37 @@ MHA_WIDE_HEADS = dict(
     num_key_value_heads=3, head_dim=14, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=128,
 )
 
+# Llama-3 style: rope scaling of type llama3 (an original context short enough that the low, medium
+# and high frequency bands all occur at head_dim 16), tied embeddings, GQA.
+LLAMA3 = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=256,
+    tie_word_embeddings=True,
+    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                         high_freq_factor=4.0, original_max_position_embeddings=32),
+)
+# Linear rope scaling with head_dim != hidden_size / num_heads.
+LINEAR_WIDE_HEADS = dict(
+    MHA_WIDE_HEADS, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+)
+# Mistral: a sliding window (12) much shorter than the test sequences, GQA.
+MISTRAL = dict(
+    vocab_size=89, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=256, sliding_window=12,
+)
 
-def hf_config(**overrides: Any) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(**{**GQA, **overrides})
+
+def hf_config(**overrides: Any) -> transformers.PretrainedConfig:
+    """A LlamaConfig over GQA's fields, or a MistralConfig when `sliding_window` is given."""
+    kind = transformers.MistralConfig if "sliding_window" in overrides else transformers.LlamaConfig
+    return kind(**{**GQA, **overrides})
 
 
-def random_hf_model(config: transformers.LlamaConfig, seed: int = 0) -> transformers.LlamaForCausalLM:
+def random_hf_model(config: transformers.PretrainedConfig, seed: int = 0) -> transformers.PreTrainedModel:
     """Float32 model with every weight random, norms included (HF initialises those to ones,
     which would hide a swapped attn_norm/mlp_norm)."""
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -53,7 +74,7 @@ def make_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
 
 
 def save_hf(
-    model: transformers.LlamaForCausalLM,
+    model: transformers.PreTrainedModel,
     out: Path,
     *,
     dtype: torch.dtype = torch.float32,

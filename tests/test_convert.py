@@ -77,6 +77,78 @@ def test_hf_to_jax_to_hf_is_bit_for_bit(tmp_path, dtype, in_shard, out_shard):
     assert float((ref - got).abs().max()) <= 1e-6
 
 
+FAMILIES = {"llama3": hf_fixtures.LLAMA3, "mistral": hf_fixtures.MISTRAL, "linear_wide_heads": hf_fixtures.LINEAR_WIDE_HEADS}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_families_round_trip_bit_for_bit(tmp_path, family):
+    """Llama-3 style (llama3 rope scaling, tied embeddings), Mistral (sliding window) and linear
+    rope scaling with wide heads: HF -> JAX -> HF gives the same tensors bit for bit (a tied model
+    stays tied: no lm_head.weight), a config that keeps the family's fields, and the same logits
+    in transformers."""
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", tokenizer=True, **FAMILIES[family])
+    _convert("hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "jax"))
+    _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "back"))
+    back = tmp_path / "back"
+    tied = FAMILIES[family].get("tie_word_embeddings", False)
+    assert _assert_same_tensors(src, back) == (2 if tied else 3) + 9 * FAMILIES[family]["num_hidden_layers"]
+    assert ("lm_head.weight" in hf_fixtures.read_hf_tensors(back)) != tied
+
+    src_cfg, back_cfg = (json.loads((d / "config.json").read_text()) for d in (src, back))
+    for key in ("architectures", "model_type", "tie_word_embeddings", "head_dim", "sliding_window", "rope_parameters"):
+        assert back_cfg.get(key) == src_cfg.get(key), key
+    loaded = [transformers.AutoConfig.from_pretrained(d) for d in (src, back)]
+    assert loaded[1].rope_parameters == loaded[0].rope_parameters
+    assert getattr(loaded[1], "sliding_window", None) == getattr(loaded[0], "sliding_window", None)
+
+    tokens = torch.randint(0, FAMILIES[family]["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
+    ref, got = (transformers.AutoModelForCausalLM.from_pretrained(d).eval() for d in (src, back))
+    assert type(got) is type(ref) and got.config.tie_word_embeddings == tied
+    with torch.no_grad():
+        assert float((ref(tokens).logits - got(tokens).logits).abs().max()) == 0.0
+
+
+def test_tied_embeddings_with_add_eot(tmp_path):
+    """--add-eot on a tied model appends one mean row to the one embedding, which stays the LM head
+    in JAX (no lm_head leaf) and in the export (no lm_head.weight; transformers ties it)."""
+    from openchat_jax.model.llama import forward
+
+    V = hf_fixtures.LLAMA3["vocab_size"]
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", tokenizer=True, **hf_fixtures.LLAMA3)
+    _convert("hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "jax"), "--add-eot")
+    params, cfg = checkpoint_io.load_params(str(tmp_path / "jax"))
+    assert cfg.tie_embeddings and cfg.vocab_size == V + 1 and "lm_head" not in params
+    embed_old = hf_fixtures.read_hf_tensors(src)["model.embed_tokens.weight"]
+    assert params["embed"][:V].tobytes() == embed_old.tobytes()
+    np.testing.assert_allclose(params["embed"][V], embed_old.astype(np.float64).mean(0), rtol=1e-6, atol=1e-7)
+    # The new row is the LM head's too: the logit of <|end_of_turn|> is h . mean(embed).
+    import jax.numpy as jnp
+
+    tokens = jnp.asarray([[5, 9, 13]])
+    x = forward(params, cfg.replace(dtype="float32"), tokens, jnp.arange(3)[None], jnp.ones_like(tokens), apply_lm_head=False)
+    logits = forward(params, cfg.replace(dtype="float32"), tokens, jnp.arange(3)[None], jnp.ones_like(tokens))
+    np.testing.assert_allclose(np.asarray(logits[..., V]), np.asarray(x) @ params["embed"][V], rtol=1e-5, atol=1e-6)
+
+    _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "back"))
+    tensors = hf_fixtures.read_hf_tensors(tmp_path / "back")
+    assert "lm_head.weight" not in tensors and tensors["model.embed_tokens.weight"].tobytes() == params["embed"].tobytes()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert model.config.tie_word_embeddings and model.lm_head.weight.shape[0] == V + 1
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        theirs = model(torch.tensor(np.asarray(tokens))).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(logits), atol=1e-4, rtol=0)
+
+
+def test_tied_checkpoint_storing_its_head_is_read(tmp_path):
+    """A tied checkpoint may store lm_head.weight too; equal to the embedding, it is dropped as
+    transformers drops it."""
+    src = hf_fixtures.make_hf_checkpoint(tmp_path / "hf", **hf_fixtures.LLAMA3)
+    _rewrite_safetensors(src, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
+    ckpt = hf.HFCheckpoint(src)
+    assert ckpt.cfg.tie_embeddings and "lm_head" not in ckpt.params()
+
+
 def test_jax_to_hf_casts_and_matches_our_forward(tmp_path):
     """The other direction end to end: our forward on loaded params == transformers on the export."""
     import jax.numpy as jnp
@@ -173,13 +245,28 @@ def _set(name, shape):
 
 BAD_HF = {
     "no config.json": (lambda d: (d / "config.json").unlink(), ["no config.json", "{dir}"]),
-    "not llama": (lambda d: hf_fixtures.edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"]),
-                  ["config.json", "mistral", "not a Llama"]),
+    "not llama": (lambda d: hf_fixtures.edit_config(d, model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+                  ["config.json", "qwen2", "not a Llama or Mistral"]),
+    "mistral type, llama class": (lambda d: hf_fixtures.edit_config(d, model_type="mistral"),
+                                  ["config.json", "LlamaForCausalLM", "not a Llama or Mistral"]),
     "attention bias": (lambda d: hf_fixtures.edit_config(d, attention_bias=True), ["config.json", "unsupported", "attention_bias"]),
     "mlp bias": (lambda d: hf_fixtures.edit_config(d, mlp_bias=True), ["unsupported", "mlp_bias"]),
-    "tied embeddings": (lambda d: hf_fixtures.edit_config(d, tie_word_embeddings=True), ["unsupported", "tie_word_embeddings"]),
-    "rope scaling": (lambda d: hf_fixtures.edit_config(d, rope_scaling={"rope_type": "linear", "factor": 2.0}),
-                     ["unsupported", "rope_scaling", "linear"]),
+    "tied, but a different head": (lambda d: hf_fixtures.edit_config(d, tie_word_embeddings=True),
+                                   ["model.safetensors", "lm_head.weight differs", "tie_word_embeddings=true"]),
+    "rope scaling": (lambda d: hf_fixtures.edit_config(d, rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+                     ["config.json", "unsupported", "rope_scaling", "yarn"]),
+    "rope parameters": (lambda d: hf_fixtures.edit_config(d, rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+                        ["unsupported", "rope_parameters", "dynamic"]),
+    "partial rotary": (lambda d: hf_fixtures.edit_config(d, rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}),
+                       ["unsupported", "rope_parameters.partial_rotary_factor=0.5"]),
+    "llama3 without its factors": (lambda d: hf_fixtures.edit_config(d, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+                                   ["config.json", "rope_scaling", "llama3", "'low_freq_factor'"]),
+    "activation": (lambda d: hf_fixtures.edit_config(d, hidden_act="gelu"), ["unsupported", "hidden_act='gelu'"]),
+    "per-layer attention": (lambda d: hf_fixtures.edit_config(d, layer_types=["sliding_attention", "full_attention"]),
+                            ["unsupported", "layer_types"]),
+    "negative window": (lambda d: hf_fixtures.edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"],
+                                                          sliding_window=-4),
+                        ["config.json", "sliding_window=-4"]),
     "missing tensor": (lambda d: _rewrite_safetensors(d, _drop("model.layers.1.mlp.up_proj.weight")),
                        ["model.safetensors", "missing tensor model.layers.1.mlp.up_proj.weight"]),
     "mis-shaped tensor": (lambda d: _rewrite_safetensors(d, _set("model.layers.0.self_attn.k_proj.weight", (8, 48))),

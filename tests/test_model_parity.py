@@ -1,6 +1,8 @@
-"""The Flax Llama is transformers' LlamaForCausalLM: logits and per-layer hidden states on random
-small configs (GQA, non-power-of-two sizes, head_dim != embed / heads), packed rows, scanned vs
-unrolled layers, remat policies, and KV-cache decoding."""
+"""The Flax Llama is transformers' LlamaForCausalLM / MistralForCausalLM: logits and per-layer
+hidden states on random small configs (GQA, non-power-of-two sizes, head_dim != embed / heads,
+Llama-3 rope scaling with tied embeddings, linear rope scaling, Mistral's sliding window shorter
+than the sequence), packed rows, scanned vs unrolled layers, remat policies, KV-cache decoding and
+greedy generation."""
 
 from __future__ import annotations
 
@@ -16,14 +18,17 @@ from openchat_jax.model.llama import forward, init_cache
 
 
 _PAIRS: dict[str, tuple] = {}
+CONFIGS = {
+    "gqa": hf_fixtures.GQA, "mha_wide_heads": hf_fixtures.MHA_WIDE_HEADS, "llama3": hf_fixtures.LLAMA3,
+    "linear_wide_heads": hf_fixtures.LINEAR_WIDE_HEADS, "mistral": hf_fixtures.MISTRAL,
+}
 
 
 def _pair(name: str, tmp_path_factory) -> tuple:
     """(HF torch model, our params, our cfg) holding the same random weights, loaded through the
     HF reader (so the weight mapping is under test too)."""
     if name not in _PAIRS:
-        config = hf_fixtures.GQA if name == "gqa" else hf_fixtures.MHA_WIDE_HEADS
-        model = hf_fixtures.random_hf_model(hf_fixtures.hf_config(**config), seed=1)
+        model = hf_fixtures.random_hf_model(hf_fixtures.hf_config(**CONFIGS[name]), seed=1)
         folder = hf_fixtures.save_hf(model, tmp_path_factory.mktemp(name))
         ckpt = hf.HFCheckpoint(folder)
         cfg = ckpt.cfg.replace(dtype="float32", param_dtype="float32", remat_policy="none")
@@ -31,8 +36,14 @@ def _pair(name: str, tmp_path_factory) -> tuple:
     return _PAIRS[name]
 
 
-@pytest.fixture(scope="module", params=["gqa", "mha_wide_heads"])
+@pytest.fixture(scope="module", params=list(CONFIGS))
 def pair(request, tmp_path_factory):
+    return _pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["llama3", "mistral"])
+def family(request, tmp_path_factory):
+    """The pairs whose forward differs from plain Llama-2 (rope scaling + tied head; sliding window)."""
     return _pair(request.param, tmp_path_factory)
 
 
@@ -63,6 +74,7 @@ def test_logits_and_hidden_states_match_transformers(pair):
     logits, hidden = jax.jit(lambda p, *a: forward(p, cfg, *a, return_hidden=True))(params, *_row_inputs(tokens))
     assert logits.shape == (2, 64, cfg.vocab_size) and hidden.shape == (cfg.num_layers, 2, 64, cfg.embed)
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=0)
+    assert _relative_error(logits, out.logits.numpy()) <= 1e-4
 
     # Our hidden[i] is layer i's output; HF's output_hidden_states is (embeddings, layer 0 .. layer
     # Ly-2 outputs, final-normed last layer), so the last layer is checked through a forward hook.
@@ -75,6 +87,42 @@ def test_logits_and_hidden_states_match_transformers(pair):
     with torch.no_grad():
         final = model.model.norm(layer_outputs[-1])
     np.testing.assert_allclose(final.numpy(), hs[-1].numpy(), atol=1e-6)
+
+
+def _relative_error(ours, ref) -> float:
+    """max |ours - ref| / max |ref| (the logits' scale)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_config_read_from_the_hf_fields(pair):
+    """Each fixture's distinguishing field reaches our config (else the parity below proves less)."""
+    model, params, cfg = pair
+    hf_cfg = model.config
+    assert cfg.head_dim == hf_cfg.head_dim and cfg.tie_embeddings == bool(hf_cfg.tie_word_embeddings)
+    assert ("lm_head" in params) != cfg.tie_embeddings
+    assert cfg.rope_type == hf_cfg.rope_parameters["rope_type"]
+    assert cfg.sliding_window == (getattr(hf_cfg, "sliding_window", None) or 0)
+
+
+def test_rope_frequencies_equal_transformers(pair):
+    """`rope_frequencies` against the inv_freq transformers' rotary module holds, to float32 rounding."""
+    from openchat_jax.model.llama import rope_frequencies
+
+    model, _, cfg = pair
+    ref = model.model.rotary_emb.inv_freq.numpy()
+    ours = rope_frequencies(cfg)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape == (cfg.head_dim // 2,)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)
+
+
+def test_family_features_change_the_logits(family):
+    """The fixtures exercise what they claim: dropping the rope scaling or the sliding window
+    changes the logits well beyond the parity tolerance, so the parity test has teeth."""
+    _, params, cfg = family
+    inputs = _row_inputs(np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 64)))
+    plain = cfg.replace(rope_type="default", sliding_window=0)
+    assert _relative_error(forward(params, plain, *inputs), forward(params, cfg, *inputs)) > 1e-2
 
 
 def test_packed_row_equals_each_sequence_alone(pair):
@@ -128,8 +176,10 @@ def test_remat_policies_give_the_same_gradients(gqa):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, rtol=0, err_msg=f"{policy} {path[0]}")
 
 
-def test_kv_cache_decode_matches_full_forward(gqa):
-    _, params, cfg = gqa
+@pytest.mark.parametrize("name", ["gqa", "mistral"])
+def test_kv_cache_decode_matches_full_forward(name, tmp_path_factory):
+    """With Mistral the 17 tokens outrun the window of 12: the cached keys beyond it must drop out."""
+    _, params, cfg = _pair(name, tmp_path_factory)
     B, prompt, total, cache_len = 2, 10, 17, 24
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (B, total))
     full = np.asarray(forward(params, cfg, *_row_inputs(tokens)))
@@ -153,15 +203,15 @@ def test_rope_table_lookup_equals_the_direct_formula():
 
     D, theta, size = 16, 10000.0, 64
     positions = np.array([[0, 1, 2, 63], [5, -1, 40, 64]], np.int32)
-    sin, cos = jax.jit(lambda p: rope_tables(p, D, theta, size))(positions)
     inv_freq = (1.0 / theta ** (np.arange(0, D, 2, dtype=np.float32) / D)).astype(np.float32)
+    sin, cos = jax.jit(lambda p: rope_tables(p, inv_freq, size))(positions)
     angles = positions.astype(np.float32)[..., None] * inv_freq
     angles = np.concatenate([angles, angles], axis=-1)
     inside = (positions >= 0) & (positions < size)
     np.testing.assert_allclose(np.asarray(sin)[inside], np.sin(angles)[inside], atol=2e-6)
     np.testing.assert_allclose(np.asarray(cos)[inside], np.cos(angles)[inside], atol=2e-6)
     assert np.isnan(np.asarray(sin)[~inside]).all() and np.isnan(np.asarray(cos)[~inside]).all()
-    direct = rope_tables(jnp.asarray(positions), D, theta)
+    direct = rope_tables(jnp.asarray(positions), inv_freq)
     np.testing.assert_allclose(np.asarray(sin)[inside], np.asarray(direct[0])[inside], atol=2e-6)
 
 
@@ -183,3 +233,20 @@ def test_decode_step_reads_the_cache_without_transposing_it(gqa):
                   if np.prod([int(d) for d in m.group(1).split(",")]) == layer_size
                   and ("transpose" in m.group(2) or "transpose" in m.group(3))]
     assert not transposed, [m.group(0)[:160] for m in transposed]
+
+
+def test_greedy_generation_matches_transformers(family):
+    """KV-cache generation (left-padded prompts, one decode step at a time) against transformers'
+    greedy generate: with Llama-3's tied head and scaled rope, and with Mistral's window outrun by
+    prompt + answer (up to 14 + 16 tokens against a window of 12)."""
+    from openchat_jax.infer.generate import generate_tokens
+    from tests.test_infer_generate import hf_greedy
+
+    model, params, cfg = family
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 9, 14)]
+    ours = generate_tokens(params, cfg, prompts, max_new_tokens=16, stop_ids=[], length_bucket=8)
+    theirs = hf_greedy(model, prompts, 16)
+    for b, g in enumerate(ours):
+        assert g.tokens == theirs[b].tolist(), f"prompt {b}"
+    assert len({tuple(g.tokens) for g in ours}) == len(prompts)

@@ -48,7 +48,7 @@ def to_torch_model(params, cfg):
         vocab_size=cfg.vocab_size, hidden_size=cfg.embed, intermediate_size=cfg.mlp,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
     )
     hf_cfg._attn_implementation = "eager"
@@ -56,7 +56,8 @@ def to_torch_model(params, cfg):
     p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     E = cfg.embed
     t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
-    sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"]), "lm_head.weight": t(p["lm_head"].T)}
+    head = p["embed"] if cfg.tie_embeddings else p["lm_head"].T
+    sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"]), "lm_head.weight": t(head)}
     blk = p["blocks"]
     for i in range(cfg.num_layers):
         pre = f"model.layers.{i}."
@@ -151,6 +152,35 @@ def test_loss_and_adamw_update_match_transformers_and_torch(setup, batch):
         assert np.abs(delta_ref).max() > 0.5 * lr, name
         # Adam moves each coordinate by ~lr; agree to 1e-3 of that (torch's clip adds 1e-6 to the norm).
         np.testing.assert_allclose(delta, delta_ref, atol=1e-3 * lr, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("fused_head", [True, False], ids=["fused_head", "plain"])
+def test_tied_embeddings_step_matches_transformers(batch, fused_head):
+    """With tie_embeddings the LM head is the embedding table: no lm_head leaf, and the loss, the
+    gradient norm and the AdamW update of `embed` (which gets the lookup's and the head's
+    gradients) equal a tied transformers model's, through the fused head loss and plain autodiff."""
+    cfg = CFG.replace(tie_embeddings=True)
+    mesh = one_device_mesh()
+    tx, schedule, _ = make_optimizer(train_cfg(lr=3e-3), total_steps=10, tokens_per_step=B * L)
+    state0 = init_train_state(cfg, tx, mesh, seed=1)
+    assert "lm_head" not in state0["params"]
+    step = make_train_step(cfg, tx, schedule, mesh, num_classes=C, donate=False, fused_head=fused_head, loss_chunk_length=8)
+    params0 = jax.tree.map(np.asarray, state0["params"])
+    state, metrics = step(state0, mesh_lib.global_batch(batch, mesh))
+
+    model = to_torch_model(params0, cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = torch_objective(model, batch)
+    assert abs(float(metrics["loss"]) - ref.item()) / ref.item() <= 1e-5
+    lr = float(schedule(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    ref.float().backward()
+    assert float(metrics["grad_norm"]) == pytest.approx(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)), rel=1e-5)
+    opt.step()
+    before, after = params0["embed"], np.asarray(state["params"]["embed"])
+    delta_ref = model.model.embed_tokens.weight.detach().numpy() - before
+    assert np.abs(delta_ref).max() > 0.5 * lr
+    np.testing.assert_allclose(after - before, delta_ref, atol=1e-3 * lr, rtol=0)
 
 
 @pytest.mark.parametrize("chunk", [0, 8])

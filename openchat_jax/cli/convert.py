@@ -1,4 +1,4 @@
-"""`openchat-jax convert hf-to-jax | jax-to-hf`: Hugging Face Llama folders <-> JAX weights folders."""
+"""`openchat-jax convert hf-to-jax | jax-to-hf`: Hugging Face Llama/Mistral folders <-> JAX weights folders."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and JAX")
     sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
 
-    to_jax = sub.add_parser("hf-to-jax", help="HF LlamaForCausalLM folder (safetensors) -> JAX weights folder")
+    to_jax = sub.add_parser("hf-to-jax", help="HF LlamaForCausalLM / MistralForCausalLM folder (safetensors) -> JAX weights folder")
     to_jax.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
     to_jax.add_argument("--out", required=True, help="weights folder to create (local or gs://)")
     to_jax.add_argument(
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     to_jax.add_argument("--overwrite", action="store_true", help="replace an existing weights folder")
     to_jax.set_defaults(func=_hf_to_jax)
 
-    to_hf = sub.add_parser("jax-to-hf", help="JAX weights folder -> HF LlamaForCausalLM folder (safetensors)")
+    to_hf = sub.add_parser("jax-to-hf", help="JAX weights folder -> HF LlamaForCausalLM / MistralForCausalLM folder (safetensors)")
     to_hf.add_argument("--ckpt", required=True, help="weights folder (model_config.json + params/)")
     to_hf.add_argument("--out", required=True, help="HF folder to create")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (default 5GB)")

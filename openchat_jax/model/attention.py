@@ -1,10 +1,14 @@
 """Attention backends behind one signature.
 
-attend(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset) -> out_BxLxHxD
+attend(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset,
+       sliding_window=0) -> out_BxLxHxD
 
 Query i sits at slot `q_offset + i` of the key/value sequence (0 in training; the cache index when
 decoding). It sees key j iff j <= q_offset + i and both carry the same segment id, so attention is
-causal and never crosses packed conversations. Heads are grouped: H = K * G (GQA).
+causal and never crosses packed conversations; with sliding_window = W > 0 (Mistral) also only if
+j > q_offset + i - W. A packed conversation's slots are consecutive, as are a cached prompt's and
+its answer's, so the slot distance is the position distance transformers windows on. Heads are
+grouped: H = K * G (GQA).
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ AttendFn = Callable[..., jax.Array]
 Mask = tuple[jax.Array, jax.Array, jax.Array]
 
 
-def _block_mask(mask: Mask, start: int, end: int, key_end: int) -> jax.Array:
-    """[B, 1, 1, end - start, key_end]: key j visible to query i (causal at its slot, same segment)."""
+def _block_mask(mask: Mask, start: int, end: int, key_end: int, window: int) -> jax.Array:
+    """[B, 1, 1, end - start, key_end]: key j visible to query i (causal at its slot, within the
+    sliding window when window > 0, same segment)."""
     q_segment_ids_BxL, kv_segment_ids_BxS, q_slot_L = mask
-    causal_TxS = jnp.arange(key_end)[None, :] <= q_slot_L[start:end, None]
+    key_slot_S = jnp.arange(key_end)[None, :]
+    causal_TxS = key_slot_S <= q_slot_L[start:end, None]
+    if window:
+        causal_TxS &= key_slot_S > q_slot_L[start:end, None] - window
     same_segment_BxTxS = q_segment_ids_BxL[:, start:end, None] == kv_segment_ids_BxS[:, None, :key_end]
     return (causal_TxS[None] & same_segment_BxTxS)[:, None, None]
 
@@ -40,7 +48,7 @@ CAUSAL_BLOCKS = 4
 PREFILL_BLOCK = 256
 
 
-def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, q_offset) -> jax.Array:
+def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, q_offset, window: int) -> jax.Array:
     """Attention in query blocks, each against the keys up to its last position (the later keys are
     masked anyway, so the scores, softmax and their gradients skip them: 10 of 16 score blocks with
     4 blocks).
@@ -60,7 +68,7 @@ def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, q_offset) -> j
     else:
         T = L
     key_offset = q_offset if static_offset else S  # with a traced offset, every block sees all keys
-    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset)
+    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset, window)
 
 
 # Softmax attention in query blocks of T positions (the last one may be shorter), query i at key
@@ -75,7 +83,7 @@ def _blocks(L: int, S: int, T: int, key_offset: int) -> list[tuple[int, int, int
     return [(start, min(start + T, L), min(S, key_offset + min(start + T, L))) for start in range(0, L, T)]
 
 
-def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offset: int):
+def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offset: int, window: int):
     L, S, D = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1], q_BxLxKxGxD.shape[-1]
     q_BxKxGxLxD = jnp.transpose(q_BxLxKxGxD, (0, 2, 3, 1, 4))
     k_BxKxSxD = jnp.transpose(k_BxSxKxD, (0, 2, 1, 3))
@@ -89,7 +97,7 @@ def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offse
             # prompts of 4k tokens), and it drops an optimization_barrier; a zero-valued term read
             # from the previous block's output (same row and head) orders them.
             q_blk = q_blk + (outs[-1][..., :1, :1] * 0).astype(q_blk.dtype)
-        probs, lse = _block_probs(q_blk, k_BxKxSxD[:, :, :key_end], _block_mask(mask, start, end, key_end), D)
+        probs, lse = _block_probs(q_blk, k_BxKxSxD[:, :, :key_end], _block_mask(mask, start, end, key_end, window), D)
         outs.append(jnp.einsum("bkgls,bksd->bkgld", probs.astype(v_BxSxKxD.dtype), v_BxKxSxD[:, :, :key_end],
                                preferred_element_type=jnp.float32).astype(v_BxSxKxD.dtype))
         lses.append(lse)
@@ -110,7 +118,7 @@ def _block_probs(q_BxKxGxTxD, k_BxKxSxD, mask_Bx1x1xTxS, D: int, lse_BxKxGxT=Non
     return jnp.exp(scores - lse_BxKxGxT[..., None]), lse_BxKxGxT
 
 
-def _attend_bwd(T: int, key_offset: int, residuals, dout_BxLxKxGxD):
+def _attend_bwd(T: int, key_offset: int, window: int, residuals, dout_BxLxKxGxD):
     """The standard softmax-attention backward, block by block: dS = P * (dP - rowsum(dO * O))."""
     q, k, v, mask, out, lse = residuals  # head-major
     L, S, D = q.shape[3], k.shape[2], q.shape[-1]
@@ -121,7 +129,7 @@ def _attend_bwd(T: int, key_offset: int, residuals, dout_BxLxKxGxD):
     dqs = []
     for start, end, key_end in _blocks(L, S, T, key_offset):
         q_blk, dout_blk = q[:, :, :, start:end], dout[:, :, :, start:end]
-        probs, _ = _block_probs(q_blk, k[:, :, :key_end], _block_mask(mask, start, end, key_end), D,
+        probs, _ = _block_probs(q_blk, k[:, :, :key_end], _block_mask(mask, start, end, key_end, window), D,
                                 lse[..., start:end])
         dv = dv.at[:, :, :key_end].add(jnp.einsum("bkgls,bkgld->bksd", probs.astype(v.dtype), dout_blk,
                                                   preferred_element_type=jnp.float32))
@@ -134,20 +142,22 @@ def _attend_bwd(T: int, key_offset: int, residuals, dout_BxLxKxGxD):
     return dq, to_model(dk), to_model(dv), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offset: int) -> jax.Array:
-    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offset: int, window: int) -> jax.Array:
+    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset, window)[0]
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _grouped(core: Callable[..., jax.Array], q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-             q_segment_ids_BxL: jax.Array, kv_segment_ids_BxS: jax.Array, q_offset: jax.Array | int = 0) -> jax.Array:
+             q_segment_ids_BxL: jax.Array, kv_segment_ids_BxS: jax.Array, q_offset: jax.Array | int = 0,
+             sliding_window: int = 0) -> jax.Array:
     B, L, H, D = q_BxLxHxD.shape
     S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     mask = (q_segment_ids_BxL, kv_segment_ids_BxS, jnp.arange(L) + q_offset)
-    return core(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask, q_offset).reshape(B, L, H, D)
+    return core(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask, q_offset,
+                sliding_window).reshape(B, L, H, D)
 
 
 # Reference backend: plain einsums, softmax in float32, and a hand-written backward that keeps only
@@ -157,7 +167,7 @@ xla_attention: AttendFn = functools.partial(_grouped, _causal_blocks)
 # The same forward, in one block over all keys, differentiated by JAX (the reference for the
 # hand-written backward).
 xla_attention_autodiff: AttendFn = functools.partial(
-    _grouped, lambda q, k, v, mask, q_offset: _attend_fwd(q, k, v, mask, q.shape[1], k.shape[1])[0])
+    _grouped, lambda q, k, v, mask, q_offset, window: _attend_fwd(q, k, v, mask, q.shape[1], k.shape[1], window)[0])
 
 
 _BACKENDS: dict[str, AttendFn] = {"xla": xla_attention, "xla_autodiff": xla_attention_autodiff}

@@ -12,6 +12,7 @@ from openchat_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "minimal")
 ATTENTION_BACKENDS = ("xla", "xla_autodiff", "splash", "cudnn")
+ROPE_TYPES = ("default", "linear", "llama3")  # transformers' rope_type names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,18 @@ class LlamaConfig:
     num_kv_heads: int = 32
     head_dim: int = 128
     rope_theta: float = 10000.0
+    # Rotary frequency scaling as transformers' rope_parameters: "linear" divides every frequency by
+    # rope_factor; "llama3" divides those of wavelength > original / low_freq_factor by it and
+    # blends the band up to original / high_freq_factor.
+    rope_type: str = "default"  # one of ROPE_TYPES
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    # > 0 (Mistral): a query at slot i sees only the keys at slots > i - sliding_window.
+    sliding_window: int = 0
+    # The LM head is the embedding table (transposed): no lm_head weight.
+    tie_embeddings: bool = False
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     init_std: float = 0.02
@@ -42,6 +55,17 @@ class LlamaConfig:
             raise ConfigError(f"model.head_dim={self.head_dim} must be even (rotary embeddings)")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"model.rope_type={self.rope_type!r}: choose one of {ROPE_TYPES}")
+        if self.rope_factor <= 0:
+            raise ConfigError(f"model.rope_factor={self.rope_factor} must be > 0")
+        if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(
+                f"model.rope_high_freq_factor={self.rope_high_freq_factor} must be > "
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor} (rope_type llama3)"
+            )
+        if self.sliding_window < 0:
+            raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: no window)")
         if self.attention not in ATTENTION_BACKENDS:
             raise ConfigError(f"model.attention={self.attention!r}: choose one of {ATTENTION_BACKENDS}")
         for name in ("dtype", "param_dtype"):
@@ -67,7 +91,8 @@ class LlamaConfig:
             + self.embed * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)  # q, o, k, v
             + 3 * self.embed * self.mlp
         )
-        return self.num_layers * per_layer + 2 * self.vocab_size * self.embed + self.embed
+        embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * self.embed
+        return self.num_layers * per_layer + embeddings + self.embed
 
     def to_config_dict(self) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(dataclasses.asdict(self))

@@ -4,13 +4,14 @@ The NNX module owns the parameters (each an nnx.Param with `logical_axes` metada
 one pure function, `forward(params, cfg, ...)`, over a plain dict of arrays, so the train step can
 jit/shard/differentiate a pytree and layers can run as one `lax.scan` over stacked weights
 (compile time independent of depth). Numerics follow transformers' LlamaForCausalLM: RMSNorm in
-float32, rotary embeddings in the rotate-half convention, grouped-query attention, SwiGLU MLP,
-untied embedding and LM head.
+float32, rotary embeddings in the rotate-half convention (with its linear / llama3 frequency
+scaling), grouped-query attention (with Mistral's sliding window), SwiGLU MLP, an LM head of its
+own or tied to the embedding.
 
 Weight layout (Ly layers, E embed, H heads, K kv_heads, D head_dim, M mlp, V vocab):
   embed [V, E]; blocks.{attn_norm, mlp_norm} [Ly, E]; blocks.wq [Ly, E, H, D];
   blocks.{wk, wv} [Ly, E, K, D]; blocks.wo [Ly, H, D, E]; blocks.{w_gate, w_up} [Ly, E, M];
-  blocks.w_down [Ly, M, E]; final_norm [E]; lm_head [E, V].
+  blocks.w_down [Ly, M, E]; final_norm [E]; lm_head [E, V] (absent with tie_embeddings).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -37,7 +39,7 @@ def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
     Ly, E, H, K, D, M, V = (
         cfg.num_layers, cfg.embed, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp, cfg.vocab_size,
     )
-    return {
+    specs = {
         "embed": ((V, E), ("vocab", "embed"), "normal"),
         "blocks": {
             "attn_norm": ((Ly, E), ("layers", "embed"), "ones"),
@@ -53,6 +55,9 @@ def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
         "final_norm": ((E,), ("embed",), "ones"),
         "lm_head": ((E, V), ("embed", "vocab"), "normal"),
     }
+    if cfg.tie_embeddings:
+        del specs["lm_head"]
+    return specs
 
 
 def _is_spec(x: Any) -> bool:
@@ -92,7 +97,8 @@ class Llama(nnx.Module):
         for name, spec in specs["blocks"].items():
             setattr(self.blocks, name, build(spec))
         self.final_norm = build(specs["final_norm"])
-        self.lm_head = build(specs["lm_head"])
+        if "lm_head" in specs:
+            self.lm_head = build(specs["lm_head"])
 
     def params(self) -> Params:
         return nnx.to_pure_dict(nnx.state(self, nnx.Param))
@@ -112,20 +118,41 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (scale.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float,
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """The rotary inverse frequencies [D / 2], float32, as transformers computes them for
+    cfg.rope_type (`_compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
+    `_compute_llama3_parameters`), operation for operation in float32."""
+    D = cfg.head_dim
+    # torch's pow of float32 exponents is correctly rounded: the float64 power rounded to float32.
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, D, 2, dtype=np.float32) / D).astype(np.float64)).astype(np.float32)
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_context = cfg.rope_original_max_position_embeddings
+        low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(positions_BxL: jax.Array, inv_freq_D2: np.ndarray,
                 table_size: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """sin and cos [B, L, D] of the rotary angles. With `table_size`, they are computed once for
-    positions 0 .. table_size - 1 and looked up (a position outside the table, negative ones
-    included, gives NaN rather than a wrong rotation): computed directly, XLA:CPU fuses sin and cos
-    into each rotation and recomputes them for every head (~10 ms per [8, 512, 8, 64] rotation on
-    one core; docs/benchmarks.md)."""
+    """sin and cos [B, L, D] of the rotary angles (`inv_freq_D2` from `rope_frequencies`). With
+    `table_size`, they are computed once for positions 0 .. table_size - 1 and looked up (a
+    position outside the table, negative ones included, gives NaN rather than a wrong rotation):
+    computed directly, XLA:CPU fuses sin and cos into each rotation and recomputes them for every
+    head (~10 ms per [8, 512, 8, 64] rotation on one core; docs/benchmarks.md)."""
     if table_size is not None:
-        sin_TxD, cos_TxD = (t[0] for t in rope_tables(jnp.arange(table_size)[None], head_dim, theta))
+        sin_TxD, cos_TxD = (t[0] for t in rope_tables(jnp.arange(table_size)[None], inv_freq_D2))
         index_BxL = jnp.where(positions_BxL < 0, table_size, positions_BxL)  # take() would wrap negatives
         look_up = functools.partial(jnp.take, indices=index_BxL, axis=0, mode="fill", fill_value=jnp.nan)
         return look_up(sin_TxD), look_up(cos_TxD)
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+    freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_D2, jnp.float32)
     angles_BxLxD = jnp.concatenate([freqs_BxLxD2, freqs_BxLxD2], axis=-1)
     return jnp.sin(angles_BxLxD), jnp.cos(angles_BxLxD)
 
@@ -150,6 +177,12 @@ def _remat(fn, policy: str, scanned: bool):
         ),
     }
     return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
+
+
+def lm_head_weight(params: Params, cfg: LlamaConfig) -> jax.Array:
+    """The LM head [E, V]: its own weight, or with tied embeddings the embedding table transposed
+    (its gradient then flows into `embed`)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
 
 
 def lm_head(x_BxLxE: jax.Array, lm_head_ExV: jax.Array) -> jax.Array:
@@ -200,7 +233,7 @@ def forward(
     x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
     # A table when there is no cache (training, scoring); decoding computes its few positions directly.
     table_size = max(tokens_BxL.shape[1], cfg.max_position_embeddings) if cache is None else None
-    sin_BxLxD, cos_BxLxD = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta, table_size)
+    sin_BxLxD, cos_BxLxD = rope_tables(positions_BxL, rope_frequencies(cfg), table_size)
 
     if cache is None:
         kv_segment_ids_BxS = segment_ids_BxL
@@ -227,7 +260,8 @@ def forward(
             # Back to [B, S, K, D] for the backends' signature; the XLA backend's own transpose to
             # head-major cancels this one.
             k_all, v_all = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(c, i, keepdims=False), 1, 2) for c in new_kv)
-        attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset)
+        attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset,
+                              sliding_window=cfg.sliding_window)
         attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
         x_BxLxE = x_BxLxE + dense("blhd,hde->ble", attn_BxLxHxD, p["wo"])
         h = rms_norm(x_BxLxE, p["mlp_norm"], cfg.rms_norm_eps)
@@ -260,7 +294,7 @@ def forward(
         hidden = jnp.stack(hiddens) if return_hidden else None
 
     x_BxLxE = rms_norm(x_BxLxE, params["final_norm"], cfg.rms_norm_eps)
-    outputs: list[Any] = [lm_head(x_BxLxE, params["lm_head"].astype(dtype)) if apply_lm_head else x_BxLxE]
+    outputs: list[Any] = [lm_head(x_BxLxE, lm_head_weight(params, cfg).astype(dtype)) if apply_lm_head else x_BxLxE]
     if cache is not None:
         outputs.append({"k": new_kvs[0], "v": new_kvs[1], "segment_ids": kv_segment_ids_BxS})
     if return_hidden:

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import forward, init_params, param_shapes
+from openchat_jax.model.llama import forward, init_params, lm_head_weight, param_shapes
 from openchat_jax.model.partitioning import Rules, constrain, use_rules
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train.loss import (BATCH_KEYS, LOSS_NORMALIZATIONS, head_loss_sums, loss_sums, sums_to_metrics,
@@ -166,7 +166,7 @@ def train_step(
         p = _gather_embedding(p)
         if fused_head:
             x = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"], apply_lm_head=False)
-            sums = head_loss_sums(x, p["lm_head"].astype(model_cfg.compute_dtype), mb["targets"], mb["weights"],
+            sums = head_loss_sums(x, lm_head_weight(p, model_cfg).astype(model_cfg.compute_dtype), mb["targets"], mb["weights"],
                                   mb["class_ids"], num_classes, loss_chunk_length, skip_unsupervised_logits)
         else:
             logits = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"])
