@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -49,10 +50,10 @@ def method_overrides(variant: Variant, runs: Path, base_classes: list[dict]) -> 
 
 
 def run(cmd: list[str], timings: dict[str, float], key: str, log: Path) -> None:
-    print("$ " + " ".join(cmd), flush=True)
+    print("$ " + shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
+        f.write("$ " + shlex.join(cmd) + "\n")
         f.flush()
         result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     timings[key] = round(time.perf_counter() - t0, 1)

@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.workdir = str(RUNS / "crlft")
     config.init_from = str(RUNS / "smollm2_jax")  # convert hf-to-jax --add-eot output
     config.model.update(
-        dtype="float32",  # measured faster than bfloat16 here (docs/real_model_crlft.md)
+        dtype="float32",  # bfloat16 was no faster on this shared CPU (docs/real_model_crlft.md)
         remat_policy="none",  # memory is plentiful on the host
         scan_layers=True,  # 30 layers: unrolled compiles far longer on this CPU
     )
