@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--generate-batch-size", type=int, default=25)
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip a method's prepare / train / generate whose output an earlier run left complete")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in VARIANTS]
@@ -126,12 +128,18 @@ def main(argv: list[str] | None = None) -> int:
               *overrides]
     for method in methods:
         config_args = ["--config", str(CONFIG), *common, *method_overrides(VARIANTS[method], runs, list(base.data.classes))]
-        run(cli + ["prepare", *config_args, "--overwrite"], timings, f"{method}/prepare", log)
-        run(cli + ["train", *config_args], timings, f"{method}/train", log)
-        if not args.skip_generate:
-            run(cli + ["generate", "--ckpt", str(runs / method / "final"), "--prompts", str(runs / "data" / "heldout_prompts.jsonl"),
-                       "--out", str(runs / method / "answers.jsonl"), "--max-new-tokens", str(args.max_new_tokens),
-                       "--batch-size", str(args.generate_batch_size), "--no-progress"],
+        dataset = Path(next(a for a in config_args if a.startswith("--config.data.dataset_dir=")).split("=", 1)[1])
+        final, answers = runs / method / "final", runs / method / "answers.jsonl"
+        if not (args.resume and (dataset / "report.json").is_file()):
+            run(cli + ["prepare", *config_args, "--overwrite"], timings, f"{method}/prepare", log)
+        if not (args.resume and (final / "model_config.json").is_file()):
+            run(cli + ["train", *config_args], timings, f"{method}/train", log)
+        if not args.skip_generate and not (args.resume and answers.is_file()):
+            # The expert class's prefix (the highest weight); the plain template when unconditioned.
+            run(cli + ["generate", "--ckpt", str(final), "--classes-from", str(dataset),
+                       "--prompts", str(runs / "data" / "heldout_prompts.jsonl"), "--out", str(answers),
+                       "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.generate_batch_size),
+                       "--no-progress"],
                 timings, f"{method}/generate", log)
         timings_file.write_text(json.dumps(timings, indent=1))
     plot_class_losses(runs, methods, runs / "class_losses.png")
