@@ -50,6 +50,8 @@ def method_overrides(variant: Variant, runs: Path, base_classes: list[dict]) -> 
 
 
 def run(cmd: list[str], timings: dict[str, float], key: str, log: Path) -> None:
+    """Run `cmd`, its output appended to `log`; its wall time goes to timings[key] and to
+    timings.json next to the log, written before a failure stops the script."""
     print("$ " + shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as f:
@@ -57,6 +59,7 @@ def run(cmd: list[str], timings: dict[str, float], key: str, log: Path) -> None:
         f.flush()
         result = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     timings[key] = round(time.perf_counter() - t0, 1)
+    (log.parent / "timings.json").write_text(json.dumps(timings, indent=1))
     print(f"  {key}: {timings[key]:.1f}s (exit {result.returncode}; log {log})", flush=True)
     if result.returncode:
         raise SystemExit(f"{key} failed: see {log}")
@@ -68,8 +71,8 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 
 def plot_class_losses(runs: Path, methods: list[str], out: Path, window: int = 10) -> None:
-    """Training loss per class (moving mean over `window` logged steps; a step whose batch has no
-    token of a class contributes nothing to that class), one panel per method."""
+    """Training loss per class, each logged step as a dot and their moving mean over `window` as a line
+    (a step whose batch has no token of a class has no point for it), one panel per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +88,8 @@ def plot_class_losses(runs: Path, methods: list[str], out: Path, window: int = 1
             steps, losses = np.array(pts).T
             k = min(window, len(losses))
             smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], smooth, label=name)
+            line, = ax.plot(steps[k - 1:], smooth, label=name)
+            ax.plot(steps, losses, ".", color=line.get_color(), alpha=0.3, markersize=3)  # every logged step
         ax.set_title(VARIANTS[method].title)
         ax.set_xlabel("step")
         ax.legend()
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs.resolve()
     cli = [str(Path(sys.executable).parent / "openchat-jax")]  # the console script of this environment
     log = runs / "real_model.log"
-    timings_file = runs / "timings.json"
+    timings_file = runs / "timings.json"  # written by run()
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     weights = runs / "smollm2_jax"
     if not (weights / "model_config.json").is_file():
@@ -141,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
                        "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.generate_batch_size),
                        "--no-progress"],
                 timings, f"{method}/generate", log)
-        timings_file.write_text(json.dumps(timings, indent=1))
     plot_class_losses(runs, methods, runs / "class_losses.png")
     print(json.dumps(timings, indent=1))
     return 0
