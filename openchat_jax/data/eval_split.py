@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from openchat_jax.data.config import DataSpec
-from openchat_jax.data.prepare import _count_kinds
+from openchat_jax.data.prepare import count_kinds
 from openchat_jax.data.readers import ReadResult, Skip, read_conversations
 from openchat_jax.data.template import Conversation, Example, TemplateBuilder
 from openchat_jax.errors import DataError
@@ -109,7 +109,7 @@ def write_eval_split(dataset_dir: Path, spec: DataSpec, tokenizer, eot_id: int,
             keep.append(i)
     if not keep:
         raise DataError(f"the held-out split ({held.source}) has no conversation with a supervised token; "
-                        f"{len(held.conversations)} held out, skipped: {_count_kinds(skips)}")
+                        f"{len(held.conversations)} held out, skipped: {count_kinds(skips)}")
     out_dir = Path(dataset_dir) / EVAL_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in spec.classes]
@@ -140,7 +140,7 @@ def write_eval_split(dataset_dir: Path, spec: DataSpec, tokenizer, eot_id: int,
         info["files"] = [str(f) for f in spec.eval_files]
     skips.sort(key=lambda s: (s.file, s.line))
     report = {**info, "input_records": held.input_records, "skipped": len(skips),
-              "skipped_by_kind": _count_kinds(skips), "skipped_records": [s.to_dict() for s in skips]}
+              "skipped_by_kind": count_kinds(skips), "skipped_records": [s.to_dict() for s in skips]}
     assert len(keep) + len(skips) == held.input_records, report  # every held-out record accounted
     return info, report
 

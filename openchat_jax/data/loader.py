@@ -26,7 +26,7 @@ import math
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np

@@ -275,7 +275,7 @@ def _prepare_into(work: Path, spec: DataSpec, tokenizer, eot_id: int, *, progres
         "input_records": read.input_records,
         "examples": len(lengths),
         "skipped": len(skips),
-        "skipped_by_kind": _count_kinds(skips),
+        "skipped_by_kind": count_kinds(skips),
         "trimmed_leading_assistant": read.trimmed_leading_assistant,
         "truncated_to_max_length": truncated,
         "classes": {c.name: {"condition": c.condition, "weight": c.weight, **stats[c.name]} for c in spec.classes},
@@ -353,10 +353,10 @@ def _skip_summary(skips: Sequence[Skip]) -> str:
     for s in skips:
         first.setdefault(s.kind, s)
     return "; ".join(f"{kind}: {n} (first: {first[kind].file}:{first[kind].line}: {first[kind].reason})"
-                     for kind, n in _count_kinds(skips).items()) or "nothing (no records)"
+                     for kind, n in count_kinds(skips).items()) or "nothing (no records)"
 
 
-def _count_kinds(skips: Sequence[Skip]) -> dict[str, int]:
+def count_kinds(skips: Sequence[Skip]) -> dict[str, int]:
     out: dict[str, int] = {}
     for s in skips:
         out[s.kind] = out.get(s.kind, 0) + 1

@@ -22,7 +22,7 @@ from typing import Any
 from openchat_jax.data.template import DEFAULT_FAMILY, render_chat_template, template_family
 from openchat_jax.data.tokenizer import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, save_tokenizer
 from openchat_jax.errors import CheckpointError
-from openchat_jax.model.checkpoint_io import read_json as _read_json
+from openchat_jax.model.checkpoint_io import read_json
 
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers prefers it over tokenizer_config's entry
@@ -46,17 +46,17 @@ def write_chat_files(out_dir: str | Path, tokenizer: Any, eot_id: int, condition
     save_tokenizer(tokenizer, out_dir)
     (out_dir / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
 
-    config = _read_json(out_dir / TOKENIZER_CONFIG)
+    config = read_json(out_dir / TOKENIZER_CONFIG)
     config["chat_template"] = render_chat_template(condition, family)
     config["eos_token"] = eot_token
     _write_json(out_dir / TOKENIZER_CONFIG, config)
     if (out_dir / SPECIAL_TOKENS_MAP).is_file():
-        special = _read_json(out_dir / SPECIAL_TOKENS_MAP)
+        special = read_json(out_dir / SPECIAL_TOKENS_MAP)
         special["eos_token"] = eot_token
         _write_json(out_dir / SPECIAL_TOKENS_MAP, special)
 
     gen_path = out_dir / GENERATION_CONFIG
-    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    gen = read_json(gen_path) if gen_path.is_file() else {}
     gen["eos_token_id"] = stop_ids(eot_id, base_eos)
     if tokenizer.bos_token_id is not None:
         gen["bos_token_id"] = int(tokenizer.bos_token_id)

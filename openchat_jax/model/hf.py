@@ -36,7 +36,7 @@ from safetensors.numpy import save_file
 
 from openchat_jax.errors import CheckpointError, ConfigError
 from openchat_jax.model import checkpoint_io
-from openchat_jax.model.checkpoint_io import read_json as _read_json
+from openchat_jax.model.checkpoint_io import read_json
 from openchat_jax.model.config import ROPE_TYPES, LlamaConfig
 from openchat_jax.model.llama import Params
 
@@ -254,7 +254,7 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.dir}: no such folder")
         if not config_path.is_file():
             raise CheckpointError(f"{self.dir}: no config.json (expected a Hugging Face model folder)")
-        self.hf_config = _read_json(config_path)
+        self.hf_config = read_json(config_path)
         self.cfg = llama_config_from_hf(self.hf_config, str(config_path))
         self.weight_map = self._weight_map()
         self.tensors = self._headers()  # name -> (shape, dtype)
@@ -263,7 +263,7 @@ class HFCheckpoint:
     def _weight_map(self) -> dict[str, str]:
         index = self.dir / INDEX_FILE
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
             for file in sorted(set(weight_map.values())):
@@ -381,11 +381,11 @@ def _find_token_id(tokenizer_dir: Path, token: str) -> int | None:
     """The id of an added token, from tokenizer.json or added_tokens.json (None if absent)."""
     tj = tokenizer_dir / "tokenizer.json"
     if tj.is_file():
-        for added in _read_json(tj).get("added_tokens", []):
+        for added in read_json(tj).get("added_tokens", []):
             if added.get("content") == token:
                 return int(added["id"])
     at = tokenizer_dir / "added_tokens.json"
-    if at.is_file() and token in (mapping := _read_json(at)):
+    if at.is_file() and token in (mapping := read_json(at)):
         return int(mapping[token])
     return None
 

@@ -46,9 +46,9 @@ EVAL_PREFIX = "eval/"
 def eval_sums(params: Any, model_cfg: LlamaConfig, batch: Mapping[str, jax.Array], num_classes: int,
               loss_chunk_length: int = 0) -> Sums:
     """loss.Sums of one batch (forward only; the LM head applied chunk by chunk)."""
-    from openchat_jax.train.step import _gather_embedding
+    from openchat_jax.train.step import gather_embedding
 
-    params = _gather_embedding(params)
+    params = gather_embedding(params)
     x = forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"], apply_lm_head=False)
     return head_loss_sums(x, params["lm_head"].astype(model_cfg.compute_dtype), batch["targets"],
                           batch["weights"].astype(np.float32), batch["class_ids"], num_classes,

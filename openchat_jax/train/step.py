@@ -115,7 +115,7 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
-def _gather_embedding(params: Any) -> Any:
+def gather_embedding(params: Any) -> Any:
     """All-gather the embedding table's `embed` axis (as FSDP does for every weight before its
     matmul) before the token lookup. Left sharded, the lookup's output is split along `embed` and
     must be moved to the batch sharding, which the partitioner can only do by replicating the
@@ -154,7 +154,7 @@ def train_step(
     denominator = batch["weights"].sum()  # the whole step's sum(w), before any micro-batching
 
     def micro_loss(p: Any, mb: Batch) -> tuple[jax.Array, dict]:
-        p = _gather_embedding(p)
+        p = gather_embedding(p)
         if fused_head:
             x = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"], apply_lm_head=False)
             sums = head_loss_sums(x, lm_head_weight(p, model_cfg).astype(model_cfg.compute_dtype), mb["targets"], mb["weights"],
