@@ -3,7 +3,8 @@ training ids and weights, the inference prompt and the exported chat template eq
 assembled here piece by piece from the tokenizer file (`tokenizers.Tokenizer.from_file`), written
 from the releases' own descriptions: OpenChat's `ConversationTemplate` (prefix "{condition} User:",
 `<|end_of_turn|>`; 3.5 = the same with "GPT4 Correct"), and Llama-3's chat format for 3.6 (header
-tokens around the role, "\\n\\n", the stripped message, `<|eot_id|>`)."""
+tokens around the role, "\\n\\n", the stripped message, `<|eot_id|>`). openchat_v3.2 and openchat_3.5 are
+also run on a byte-level BPE (no dummy prefix), where each non-empty message is " " + message."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class Reference:
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.family = family
         self.llama3 = family == "openchat_3.6"
-        self.bos = self.tok.token_to_id("<|begin_of_text|>" if self.llama3 else "<s>")
+        self.byte_level = self.tok.token_to_id("<|begin_of_text|>") is not None  # the Llama-3-style fixture
+        self.bos = self.tok.token_to_id("<|begin_of_text|>" if self.byte_level else "<s>")
         self.eot = self.tok.token_to_id("<|eot_id|>") if self.llama3 else self.tok.get_vocab_size(True)
 
     def enc(self, text: str) -> list[int]:
@@ -50,12 +52,14 @@ class Reference:
         return self.enc(f"{condition} {correct}{'User:' if role == 'user' else 'Assistant:'}".strip())
 
     def text(self, content: str) -> list[int]:
-        return self.enc(content.strip() if self.llama3 else content)
+        if self.llama3:
+            return self.enc(content.strip())
+        return self.enc(" " + content if self.byte_level and content else content)
 
     def ids(self, messages, system: str, condition: str, generation: bool) -> tuple[list[int], list[float]]:
         ids, weights = [self.bos], [0.0]
         if system:
-            part = self.prefix("system", condition) + self.text(system) + [self.eot]
+            part = self.prefix("system", condition) + self.enc(system.strip() if self.llama3 else system) + [self.eot]
             ids += part
             weights += [0.0] * len(part)
         for m in messages:
@@ -68,18 +72,23 @@ class Reference:
         return ids, weights
 
 
-@pytest.fixture(scope="module", params=["openchat_v3.2", "openchat_3.5", "openchat_3.6"])
+@pytest.fixture(scope="module", params=["openchat_v3.2", "openchat_3.5", "openchat_3.6",
+                                        "openchat_v3.2 bytelevel", "openchat_3.5 bytelevel"])
 def family(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    if request.param == "openchat_3.6":
+    name, _, byte_level = request.param.partition(" ")
+    root = tmp_path_factory.mktemp(name)
+    if name == "openchat_3.6":
         folder = build_llama3_style_tokenizer(root / "tok")
         tok, eot = load_tokenizer(folder, "<|eot_id|>")
         assert len(tok) == Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(True)  # nothing added
+    elif byte_level:
+        folder = build_llama3_style_tokenizer(root / "tok")
+        tok, eot = load_tokenizer(folder)
     else:
         folder = build_tiny_tokenizer(root / "tok")
         tok, eot = load_tokenizer(folder)
-    write_chat_files(root / "export", tok, eot, "GPT4", request.param)
-    return request.param, folder, tok, eot, root
+    write_chat_files(root / "export", tok, eot, "GPT4", name)
+    return name, folder, tok, eot, root
 
 
 def test_training_ids_and_weights_equal_the_reference(family):
@@ -111,6 +120,36 @@ def test_prompt_and_exported_chat_template_equal_the_reference(family, condition
         full = ([{"role": "system", "content": system}] if system else []) + messages
         got = exported.apply_chat_template(full, add_generation_prompt=True, tokenize=True, return_dict=False)
         assert list(got) == expected, (messages, system)
+
+
+def test_a_byte_level_message_is_spaced_from_its_prefix(tmp_path):
+    folder = build_llama3_style_tokenizer(tmp_path / "tok")
+    tok, eot = load_tokenizer(folder)
+    ref = Reference(folder, "openchat_v3.2")
+    messages = [{"role": "user", "content": "What is  naïve 日本語?\n"}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "\n x "}]
+    ids = build_prompt(tok, eot, messages, "Be brief.", "GPT4", "openchat_v3.2")
+    assert tok.decode(ids) == (
+        "<|begin_of_text|>Be brief.<|end_of_turn|>GPT4 User: What is  naïve 日本語?\n<|end_of_turn|>"
+        "GPT4 Assistant:<|end_of_turn|>GPT4 User: \n x <|end_of_turn|>GPT4 Assistant:")
+    assert ids[ids.index(eot) + 1:][: len(ref.enc("GPT4 User: What"))] == ref.enc("GPT4 User: What")
+
+
+@pytest.mark.parametrize("pipeline, dummy_prefix", [
+    ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                          {"type": "Replace"}]}}, True),
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first"}}, True),
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never"}}, False),
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}}, True),
+    ({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}, False),
+    ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Split"},
+                                                              {"type": "ByteLevel", "add_prefix_space": True}]}}, True),
+    ({"normalizer": None, "pre_tokenizer": None}, False),
+])
+def test_dummy_prefix_is_read_from_the_pipeline(pipeline, dummy_prefix):
+    from openchat_jax.data.template import _adds_dummy_prefix
+
+    assert _adds_dummy_prefix(pipeline) is dummy_prefix
 
 
 def test_prepare_uses_the_configured_template(tmp_path):

@@ -15,10 +15,13 @@ Token sequence (OpenChat V3.2 / C-RLFT, `ochat/config/conversation_template.py`)
 What exactly is tokenized: every piece (system text, each role prefix, each message text) is
 encoded ON ITS OWN with `add_special_tokens=False` and with special-token parsing switched off
 (so a literal "<|end_of_turn|>" or "<s>" typed in a message is plain text), and the ids are
-concatenated with the ids of `<s>` and `<|end_of_turn|>`. No space is added before a message:
-like OpenChat (`add_space_before_msg=False`), the tokenizer's own SentencePiece-style "▁" prefix
-separates prefix and message. With the Llama-2 tokenizer: "GPT4 User:" -> ▁G PT 4 ▁User :,
-"Hello" -> ▁Hello.
+concatenated with the ids of `<s>` and `<|end_of_turn|>`. With a tokenizer that puts a dummy
+prefix before a text (SentencePiece-style "▁"; `PieceEncoder.dummy_prefix`), no space is added
+before a message: like OpenChat (`add_space_before_msg=False`), that "▁" separates prefix and
+message. With the Llama-2 tokenizer: "GPT4 User:" -> ▁G PT 4 ▁User :, "Hello" -> ▁Hello. A tokenizer
+without one (byte-level BPE: GPT-2, SmolLM2, Llama-3) would glue the message to its prefix
+("GPT4 User:What"), so a non-empty message is tokenized as " " + message ("ĠWhat"), the text the
+exported chat template writes.
 
 Weights: a message's weight on every token of its text and on the `<|end_of_turn|>` that ends
 it; 0 on `<s>`, system text and role prefixes. A message's weight is its own `weight` when it
@@ -34,6 +37,7 @@ answer, i.e. it ends with the assistant prefix (e.g. "GPT4 Assistant:").
 from __future__ import annotations
 
 import itertools
+import json
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -139,6 +143,7 @@ class PieceEncoder:
             self._backend.encode_special_tokens = True
         else:
             self._backend = None
+        self.dummy_prefix = self._backend is None or _adds_dummy_prefix(json.loads(self._backend.to_str()))
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
@@ -150,6 +155,27 @@ class PieceEncoder:
         out = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True,
                              return_attention_mask=False)
         return [list(ids) for ids in out["input_ids"]]
+
+
+def _adds_dummy_prefix(tokenizer_json: Mapping[str, Any]) -> bool:
+    """Whether a tokenizer.json pipeline puts a separator before every text: a Prepend normalizer
+    (Llama-2's "▁"), a Metaspace pre-tokenizer that prepends, or a ByteLevel one with add_prefix_space."""
+    def parts(node: Any) -> list[Mapping[str, Any]]:
+        if not isinstance(node, Mapping):
+            return []
+        inner = node.get("normalizers") or node.get("pretokenizers")
+        return [p for n in inner for p in parts(n)] if inner is not None else [node]
+
+    for step in parts(tokenizer_json.get("normalizer")) + parts(tokenizer_json.get("pre_tokenizer")):
+        kind = step.get("type")
+        if kind == "Prepend" and step.get("prepend"):
+            return True
+        if kind == "Metaspace" and (step.get("prepend_scheme", "always") != "never"
+                                    if "prepend_scheme" in step else step.get("add_prefix_space", True)):
+            return True
+        if kind == "ByteLevel" and step.get("add_prefix_space"):
+            return True
+    return False
 
 
 _ENCODERS: "weakref.WeakKeyDictionary[Any, PieceEncoder]" = weakref.WeakKeyDictionary()
@@ -203,7 +229,10 @@ class TemplateBuilder:
 
     def texts(self, system: str, messages: Sequence[Message]) -> list[str]:
         """The texts a conversation tokenizes, in order: the system text (if any), then each message."""
-        texts = ([system] if system else []) + [m.content for m in messages]
+        contents = [m.content for m in messages]
+        if not self.family.strip_messages and self.family.header is None and not self.encode.dummy_prefix:
+            contents = [" " + t if t else t for t in contents]  # the exported template's space
+        texts = ([system] if system else []) + contents
         return [t.strip() for t in texts] if self.family.strip_messages else texts
 
     def _pieces(self, system: str, messages: Sequence[Message], condition: str, texts: list[list[int]],
