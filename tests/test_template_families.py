@@ -182,7 +182,8 @@ def test_a_tokenizer_without_the_family_end_of_turn_is_refused(tmp_path):
         load_tokenizer(build_tiny_tokenizer(tmp_path / "tok"), "<|eot_id|>")
 
 
-def test_inference_and_export_follow_the_recorded_template(tmp_path):
+@pytest.mark.parametrize("name", ["openchat_3.6", "openchat_v3.2"])
+def test_inference_and_export_follow_the_recorded_template(tmp_path, name):
     import json
     import shutil
 
@@ -192,22 +193,22 @@ def test_inference_and_export_follow_the_recorded_template(tmp_path):
     from tests.test_infer_fixtures import SMALL, random_params, save_weights
 
     folder = build_llama3_style_tokenizer(tmp_path / "tok")
-    ref = Reference(folder, "openchat_3.6")
-    cfg = SMALL.replace(vocab_size=ref.tok.get_vocab_size(True))
+    ref = Reference(folder, name)
+    cfg = SMALL.replace(vocab_size=ref.tok.get_vocab_size(True) + (name != "openchat_3.6"))  # + <|end_of_turn|>
     ckpt = save_weights(tmp_path / "w", random_params(cfg), cfg)
     shutil.copytree(folder, ckpt / "tokenizer")
     classes = [{"name": "gpt4", "condition": "GPT4", "weight": 1.0}, {"name": "gpt3", "condition": "GPT3", "weight": 0.1}]
     (ckpt / "classes.json").write_text(json.dumps({"classes": classes, "inference_condition": "GPT4",
-                                                   "template": "openchat_3.6"}))
+                                                   "template": name}))
     model = load_chat_model(ckpt)
-    assert model.template.family.name == "openchat_3.6" and model.eot_id == ref.eot and ref.eot in model.stop_ids
+    assert model.template.family.name == name and model.eot_id == ref.eot and ref.eot in model.stop_ids
     messages = [{"role": "user", "content": " What is the capital of France?\n"}]
     assert model.template.build_prompt(messages, "", "GPT4") == ref.ids(messages, "", "GPT4", generation=True)[0]
 
     export_hf(str(ckpt), str(tmp_path / "hf"))
     assert export_chat_files(ckpt, tmp_path / "hf") == "GPT4"
     exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    assert exported.eos_token == "<|eot_id|>"
+    assert exported.eos_token == ("<|eot_id|>" if name == "openchat_3.6" else "<|end_of_turn|>")
     got = exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(got) == ref.ids(messages, "", "GPT4", generation=True)[0]
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
