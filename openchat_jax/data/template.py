@@ -315,7 +315,10 @@ def render_chat_template(condition: str, family: str = DEFAULT_FAMILY) -> str:
     does before each separately tokenized piece; the one space between a role prefix and a non-empty
     message stands for the "▁" that the message's own tokenization starts with (whatever the message
     starts with: spaces, tabs, newlines), and no token of such a vocabulary joins the prefix's last
-    character with a following "▁". An empty message adds nothing.
+    character with a following "▁". An empty message adds nothing. With a byte-level BPE tokenizer
+    (no dummy prefix) the space is the one `TemplateBuilder.texts` puts before every non-empty
+    message; the pre-tokenizer splits it from the prefix's final ":" and joins it to the message's
+    first word ("ĠWhat"), as when " " + message is tokenized on its own.
     With header tokens (openchat_3.6) each turn is `{start}{role}{end}{separator}{message | trim}{eot}`:
     the special tokens cut the text where the pieces are cut, and the separator ("\n\n") is split off
     a stripped message by the byte-level pre-tokenizer exactly as when tokenized on its own.
