@@ -147,9 +147,9 @@ def test_a_byte_level_message_is_spaced_from_its_prefix(tmp_path):
     ({"normalizer": None, "pre_tokenizer": None}, False),
 ])
 def test_dummy_prefix_is_read_from_the_pipeline(pipeline, dummy_prefix):
-    from openchat_jax.data.template import _adds_dummy_prefix
+    from openchat_jax.data.template import adds_dummy_prefix
 
-    assert _adds_dummy_prefix(pipeline) is dummy_prefix
+    assert adds_dummy_prefix(pipeline) is dummy_prefix
 
 
 def test_prepare_uses_the_configured_template(tmp_path):

@@ -143,7 +143,7 @@ class PieceEncoder:
             self._backend.encode_special_tokens = True
         else:
             self._backend = None
-        self.dummy_prefix = self._backend is None or _adds_dummy_prefix(json.loads(self._backend.to_str()))
+        self.dummy_prefix = self._backend is None or adds_dummy_prefix(json.loads(self._backend.to_str()))
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
@@ -157,7 +157,7 @@ class PieceEncoder:
         return [list(ids) for ids in out["input_ids"]]
 
 
-def _adds_dummy_prefix(tokenizer_json: Mapping[str, Any]) -> bool:
+def adds_dummy_prefix(tokenizer_json: Mapping[str, Any]) -> bool:
     """Whether a tokenizer.json pipeline puts a separator before every text: a Prepend normalizer
     (Llama-2's "▁"), a Metaspace pre-tokenizer that prepends, or a ByteLevel one with add_prefix_space."""
     def parts(node: Any) -> list[Mapping[str, Any]]:
