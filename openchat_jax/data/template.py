@@ -168,12 +168,11 @@ def adds_dummy_prefix(tokenizer_json: Mapping[str, Any]) -> bool:
 
     for step in parts(tokenizer_json.get("normalizer")) + parts(tokenizer_json.get("pre_tokenizer")):
         kind = step.get("type")
-        if kind == "Prepend" and step.get("prepend"):
-            return True
-        if kind == "Metaspace" and (step.get("prepend_scheme", "always") != "never"
-                                    if "prepend_scheme" in step else step.get("add_prefix_space", True)):
-            return True
-        if kind == "ByteLevel" and step.get("add_prefix_space"):
+        if kind == "Metaspace":  # older files have add_prefix_space instead of prepend_scheme
+            scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never")
+            if scheme != "never":
+                return True
+        elif kind == "Prepend" and step.get("prepend") or kind == "ByteLevel" and step.get("add_prefix_space"):
             return True
     return False
 
