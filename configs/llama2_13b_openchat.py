@@ -14,33 +14,23 @@ chips use global_batch_size=64 (262k tokens, lr "auto" follows).
 
 import ml_collections
 
-from openchat_jax.train.config import base_config
+from openchat_jax.train.config import accelerator_run_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = base_config("llama2_13b")
+    # "meta-llama/Llama-2-13b-hf" or a local tokenizer folder.
+    config = accelerator_run_config("llama2_13b", max_length=4096, tokenizer="meta-llama/Llama-2-13b-hf",
+                                    global_batch_size=48)
     # Llama-2's 32000 tokens + <|end_of_turn|>; with init_from the stored model config wins.
     config.model.vocab_size = 32001
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = "float32"
-    config.model.remat_policy = "full"
-    config.model.scan_layers = True
-
-    config.data.max_length = 4096
-    config.data.tokenizer = "meta-llama/Llama-2-13b-hf"  # or a local tokenizer folder
     config.data.label_field = "model"  # ShareGPT exports: "Model: GPT-4" -> gpt4, else gpt3 (paper classes)
 
-    config.train.global_batch_size = 48
-    config.train.micro_batches = 1
     config.train.epochs = 5
-    config.train.lr = "auto"
     config.train.warmup_ratio = 0.05
     config.train.end_lr_ratio = 0.1
     config.train.b1, config.train.b2, config.train.eps = 0.9, 0.95, 1e-5
     config.train.weight_decay = 0.1
     config.train.grad_clip = 1.0
-    config.train.log_every = 10
 
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     config.checkpoint.save_every = 500
     return config

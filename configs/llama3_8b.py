@@ -14,22 +14,10 @@ data x fsdp devices: 24 rows fit 8 or 24 chips; on 16 or 32 chips use global_bat
 
 import ml_collections
 
-from openchat_jax.train.config import base_config
+from openchat_jax.train.config import accelerator_run_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = base_config("llama3_8b")
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = "float32"
-    config.model.remat_policy = "full"
-    config.model.scan_layers = True
-
-    config.data.max_length = 8192
-    config.data.tokenizer = "meta-llama/Meta-Llama-3-8B"  # or a local tokenizer folder
-
-    config.train.global_batch_size = 24
-    config.train.micro_batches = 1
-    config.train.lr = "auto"
-    config.train.log_every = 10
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    # "meta-llama/Meta-Llama-3-8B" or a local tokenizer folder.
+    config = accelerator_run_config("llama3_8b", max_length=8192, tokenizer="meta-llama/Meta-Llama-3-8B", global_batch_size=24)
     return config

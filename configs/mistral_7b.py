@@ -14,24 +14,12 @@ fsdp devices: 24 rows fit 8 or 24 chips; on 16 or 32 chips use global_batch_size
 
 import ml_collections
 
-from openchat_jax.train.config import base_config
+from openchat_jax.train.config import accelerator_run_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = base_config("mistral_7b")
+    # "mistralai/Mistral-7B-v0.1" or a local tokenizer folder.
+    config = accelerator_run_config("mistral_7b", max_length=8192, tokenizer="mistralai/Mistral-7B-v0.1", global_batch_size=24)
     # Mistral's 32000 tokens + <|end_of_turn|>; with init_from the stored model config wins.
     config.model.vocab_size = 32001
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = "float32"
-    config.model.remat_policy = "full"
-    config.model.scan_layers = True
-
-    config.data.max_length = 8192
-    config.data.tokenizer = "mistralai/Mistral-7B-v0.1"  # or a local tokenizer folder
-
-    config.train.global_batch_size = 24
-    config.train.micro_batches = 1
-    config.train.lr = "auto"
-    config.train.log_every = 10
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     return config

@@ -114,6 +114,25 @@ def base_config(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     return config
 
 
+
+def accelerator_run_config(model_preset: str, *, max_length: int, tokenizer: str,
+                           global_batch_size: int) -> ml_collections.ConfigDict:
+    """`base_config` as the paper-scale configs run it on accelerators: bf16 compute over float32
+    master weights and AdamW state, full remat, scanned layers, lr "auto", fsdp over every device."""
+    config = base_config(model_preset)
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "float32"
+    config.model.remat_policy = "full"
+    config.model.scan_layers = True
+    config.data.max_length = max_length
+    config.data.tokenizer = tokenizer
+    config.train.global_batch_size = global_batch_size
+    config.train.micro_batches = 1
+    config.train.lr = "auto"
+    config.train.log_every = 10
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    return config
+
 # The section of WORKDIR/config.json that holds what the run resolved (row length, steps, peak lr):
 # recorded by `train`, not part of the config.
 RESOLVED_SECTION = "resolved"
