@@ -20,4 +20,5 @@ from openchat_jax.train.config import accelerator_run_config
 def get_config() -> ml_collections.ConfigDict:
     # "meta-llama/Meta-Llama-3-8B" or a local tokenizer folder.
     config = accelerator_run_config("llama3_8b", max_length=8192, tokenizer="meta-llama/Meta-Llama-3-8B", global_batch_size=24)
+    config.data.template = "openchat_3.6"
     return config

@@ -22,4 +22,5 @@ def get_config() -> ml_collections.ConfigDict:
     config = accelerator_run_config("mistral_7b", max_length=8192, tokenizer="mistralai/Mistral-7B-v0.1", global_batch_size=24)
     # Mistral's 32000 tokens + <|end_of_turn|>; with init_from the stored model config wins.
     config.model.vocab_size = 32001
+    config.data.template = "openchat_3.5"
     return config
