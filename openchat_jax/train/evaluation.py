@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from openchat_jax.data.loader import BATCH_KEYS
 from openchat_jax.data.eval_split import EvalVariant, load_eval_split
 from openchat_jax.data.loader import pack_rows
 from openchat_jax.data.packing import plan_epoch
@@ -38,7 +39,7 @@ from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import forward
 from openchat_jax.model.partitioning import Rules, use_rules
 from openchat_jax.train import mesh as mesh_lib
-from openchat_jax.train.loss import BATCH_KEYS, Sums, head_loss_sums, zero_sums
+from openchat_jax.train.loss import Sums, head_loss_sums, zero_sums
 
 EVAL_PREFIX = "eval/"
 

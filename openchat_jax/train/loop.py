@@ -31,13 +31,13 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
+from openchat_jax.data.loader import BATCH_KEYS
 from openchat_jax.errors import ConfigError, DataError, OpenChatError
 from openchat_jax.model.checkpoint_io import MODEL_CONFIG
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import flops as flops_lib
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import run_info
-from openchat_jax.train.loss import BATCH_KEYS
 from openchat_jax.train.metrics import MetricsWriter, ProgressBar, named_scalars
 from openchat_jax.train.optimizer import make_optimizer
 from openchat_jax.train.step import (

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from openchat_jax.data.loader import BATCH_KEYS  # noqa: F401  (the batch the train step reads)
 from openchat_jax.model.llama import lm_head
 from openchat_jax.model.partitioning import constrain, shard_count
 

@@ -35,13 +35,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from openchat_jax.data.loader import BATCH_KEYS
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.dense import accelerator_layout
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import step as step_lib
 from openchat_jax.train.flops import PEAK_FLOPS_BY_KIND, flops_per_token
-from openchat_jax.train.loss import BATCH_KEYS
 from openchat_jax.train.optimizer import make_optimizer
 
 GiB = 1024**3

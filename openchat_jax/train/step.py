@@ -24,12 +24,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from openchat_jax.data.loader import BATCH_KEYS
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import forward, init_params, lm_head_weight, param_shapes
 from openchat_jax.model.partitioning import Rules, constrain, use_rules
 from openchat_jax.train import mesh as mesh_lib
-from openchat_jax.train.loss import (BATCH_KEYS, LOSS_NORMALIZATIONS, head_loss_sums, loss_sums, sums_to_metrics,
+from openchat_jax.train.loss import (LOSS_NORMALIZATIONS, head_loss_sums, loss_sums, sums_to_metrics,
                                      token_weights, zero_sums)
 from openchat_jax.train.optimizer import Schedule, schedule_count
 
