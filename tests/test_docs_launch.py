@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from openchat_jax.cli import main as cli_main
 from tests.test_docs_commands import _code_lines
-from tests.tokenizer_fixture import CORPUS, tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
+from tests.tokenizer_fixture import tiny_tokenizer_dir, write_sharegpt_conversations  # noqa: F401  (pytest fixture)
 
 LAUNCH = Path(__file__).resolve().parent.parent / "docs" / "launch.md"
 PLACEHOLDERS = ("CONFIG", "CONVERSATIONS", "DATASET", "HF_DIR", "INIT", "WORKDIR", "HF_OUT")
@@ -83,16 +81,7 @@ def get_config():
 
 
 def _conversations(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    texts = [t for t in CORPUS if "GPT" not in t and ":" not in t]
-    lines = []
-    for i in range(24):
-        q, a = (texts[j] for j in rng.choice(len(texts), 2, replace=False))
-        label = "Model: GPT-4" if zlib.crc32(str(i).encode()) % 2 else "Model: GPT-3.5"
-        lines.append(json.dumps({"id": str(i), "model": label, "conversations": [
-            {"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_sharegpt_conversations(path, 24)
 
 
 def test_the_local_path_runs_as_written(tiny_tokenizer_dir, tmp_path, capsys):  # noqa: F811

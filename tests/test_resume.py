@@ -4,14 +4,12 @@ skipped, non-finite batches are skipped and N in a row stop the run naming the s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import jax
@@ -26,7 +24,7 @@ from openchat_jax.train.config import base_config
 from openchat_jax.train.loop import build_run, make_checkpointer, train
 from openchat_jax.train.metrics import read_metrics
 from tests.test_train_loop import FakeLoader, fake_batches
-from tests.tokenizer_fixture import CORPUS, tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
+from tests.tokenizer_fixture import tiny_tokenizer_dir, write_sharegpt_conversations  # noqa: F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -78,15 +76,7 @@ def resume_config(tok_dir: Path, dataset_dir: Path, workdir: Path):
 @pytest.fixture(scope="module")
 def dataset(tiny_tokenizer_dir, tmp_path_factory) -> Path:  # noqa: F811
     root = tmp_path_factory.mktemp("resume_data")
-    rng = np.random.default_rng(0)
-    texts = [t for t in CORPUS if "GPT" not in t and ":" not in t]
-    lines = []
-    for i in range(40):
-        q, a = (texts[j] for j in rng.choice(len(texts), 2, replace=False))
-        label = "Model: GPT-4" if zlib.crc32(str(i).encode()) % 2 else "Model: GPT-3.5"
-        lines.append(json.dumps({"id": str(i), "model": label, "conversations": [
-            {"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
-    (root / "conv.jsonl").write_text("\n".join(lines) + "\n")
+    write_sharegpt_conversations(root / "conv.jsonl", 40)
     config = resume_config(tiny_tokenizer_dir, root / "dataset", root / "unused")
     config.data.files = [str(root / "conv.jsonl")]
     prepare(config.data)

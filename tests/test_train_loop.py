@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zlib
 from pathlib import Path
 
 import grain
@@ -24,7 +23,7 @@ from openchat_jax.train.config import base_config
 from openchat_jax.train.loop import build_run, train
 from openchat_jax.train.metrics import read_metrics
 from openchat_jax.train.synthetic import packed_batch
-from tests.tokenizer_fixture import CORPUS, tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
+from tests.tokenizer_fixture import tiny_tokenizer_dir, write_sharegpt_conversations  # noqa: F401  (pytest fixture)
 
 SEQ = 96
 
@@ -47,16 +46,7 @@ def small_config(tok_dir: Path, files, dataset_dir: Path, workdir: Path, **train
 def conversations(tmp_path_factory) -> Path:
     """60 two-turn conversations from the fixture corpus, labelled GPT-4 or GPT-3.5 by a hash."""
     path = tmp_path_factory.mktemp("conv") / "conv.jsonl"
-    rng = np.random.default_rng(0)
-    texts = [t for t in CORPUS if "GPT" not in t and ":" not in t]  # no template-like text in messages
-    lines = []
-    for i in range(60):
-        q, a = (texts[j] for j in rng.choice(len(texts), 2, replace=False))
-        label = "Model: GPT-4" if zlib.crc32(str(i).encode()) % 2 else "Model: GPT-3.5"
-        lines.append(json.dumps({"id": str(i), "model": label, "conversations": [
-            {"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_sharegpt_conversations(path, 60)
 
 
 @pytest.fixture(scope="module")

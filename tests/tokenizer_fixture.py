@@ -16,9 +16,12 @@ byte fallback). Vocabulary: about 500 tokens, so tiny models stay cheap.
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from openchat_jax.demo.tokenizer import SPACE, llama_style_tokenizer_json, write_tokenizer_dir
@@ -148,3 +151,18 @@ def build_llama3_style_tokenizer(out_dir: Path) -> Path:
         "bos_token": LLAMA3_SPECIALS[0], "eos_token": LLAMA3_SPECIALS[1], "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False, "model_max_length": 8192}, indent=1))
     return out_dir
+
+
+def write_sharegpt_conversations(path: Path, count: int) -> Path:
+    """`count` two-turn ShareGPT records from CORPUS (no template-like text in messages), labelled
+    "Model: GPT-4" or "Model: GPT-3.5" by a hash of their index."""
+    rng = np.random.default_rng(0)
+    texts = [t for t in CORPUS if "GPT" not in t and ":" not in t]
+    lines = []
+    for i in range(count):
+        q, a = (texts[j] for j in rng.choice(len(texts), 2, replace=False))
+        label = "Model: GPT-4" if zlib.crc32(str(i).encode()) % 2 else "Model: GPT-3.5"
+        lines.append(json.dumps({"id": str(i), "model": label, "conversations": [
+            {"from": "human", "value": q}, {"from": "gpt", "value": a}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
