@@ -178,7 +178,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         value = _coerce(key, item, current, raw)
         try:
             node[leaf] = value
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError):
             kind = type(_plain(current)).__name__
             raise ConfigError(f"override {item!r}: {key} takes a value of type {kind} (now {_plain(current)!r}), "
                               f"got {value!r}") from None

@@ -155,7 +155,7 @@ def _grouped(core: Callable[..., jax.Array], q_BxLxHxD: jax.Array, k_BxSxKxD: ja
              q_segment_ids_BxL: jax.Array, kv_segment_ids_BxS: jax.Array, q_offset: jax.Array | int = 0,
              sliding_window: int = 0) -> jax.Array:
     B, L, H, D = q_BxLxHxD.shape
-    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    K = k_BxSxKxD.shape[2]
     mask = (q_segment_ids_BxL, kv_segment_ids_BxS, jnp.arange(L) + q_offset)
     return core(q_BxLxHxD.reshape(B, L, K, H // K, D), k_BxSxKxD, v_BxSxKxD, mask, q_offset,
                 sliding_window).reshape(B, L, H, D)
