@@ -395,6 +395,10 @@ def train(
             tell(f"already finished at step {start}; final/ is at {final_path} (left as it is)")
             return TrainResult(state=restored.state, steps_done=start, stopped=False, history=[],
                                final_dir=str(final_path), start_step=start, already_finished=True)
+    if jax.process_count() > 1:
+        # Every process compares with the recorded config.json before process 0 overwrites it.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("openchat_jax: config.json compared")
     if primary:
         run_info.write_record(config.workdir, record)
     paths = run_info.run_paths(config.workdir, tensorboard=config.train.tensorboard,
