@@ -45,6 +45,7 @@ _TOP_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_
 
 
 def hf_shape(leaf: str, cfg: LlamaConfig) -> tuple[int, ...]:
+    """The HF tensor shape of one layer's (or a top-level) leaf."""
     E, H, K, D, M, V = cfg.embed, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp, cfg.vocab_size
     return {
         "embed": (V, E), "final_norm": (E,), "lm_head": (V, E), "attn_norm": (E,), "mlp_norm": (E,),
@@ -54,6 +55,7 @@ def hf_shape(leaf: str, cfg: LlamaConfig) -> tuple[int, ...]:
 
 
 def to_jax(leaf: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """One HF tensor in our layout (see the module docstring)."""
     E, H, K, D = cfg.embed, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if leaf == "wq":
         return w.T.reshape(E, H, D)
@@ -67,6 +69,7 @@ def to_jax(leaf: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
 
 
 def to_hf(leaf: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+    """One leaf (one layer of a stacked leaf) in HF's layout, contiguous for safetensors."""
     E = cfg.embed
     if leaf in ("wq", "wk", "wv"):
         w = w.reshape(E, -1).T
