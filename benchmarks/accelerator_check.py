@@ -164,7 +164,7 @@ def _hf_model(params: Any, cfg: LlamaConfig, workdir: Path, device: str):
     import transformers
 
     from openchat_jax.model.checkpoint_io import save_params
-    from openchat_jax.model.hf import export_hf
+    from openchat_jax.hf import export_hf
 
     save_params(str(workdir / "jax"), jax.device_get(params), cfg)
     export_hf(str(workdir / "jax"), str(workdir / "hf"))

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         size = write_random_hf(root / "hf", vocab=args.vocab, embed=args.embed, mlp=args.mlp, layers=args.layers,
                                heads=args.heads, kv_heads=args.kv_heads, dtype=args.dtype)
         py = [sys.executable, "-c"]
-        base_s, base_rss = run_measured(py + ["import openchat_jax.model.hf, openchat_jax.cli.convert"])
+        base_s, base_rss = run_measured(py + ["import openchat_jax.hf, openchat_jax.cli.convert"])
         cli = "import sys; from openchat_jax.cli import main; sys.exit(main(sys.argv[1:]))"
         to_jax = run_measured(py + [cli, "convert", "hf-to-jax", "--hf-dir", str(root / "hf"), "--out", str(root / "jax")])
         to_hf = run_measured(py + [cli, "convert", "jax-to-hf", "--ckpt", str(root / "jax"), "--out", str(root / "back"),

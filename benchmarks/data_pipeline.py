@@ -89,7 +89,7 @@ def chat_template_agreement(config_path: str, limit: int) -> dict:
     from openchat_jax.data.readers import read_conversations
     from openchat_jax.data.template import build_prompt
     from openchat_jax.data.tokenizer import load_tokenizer, tokenizer_folder
-    from openchat_jax.infer.export import write_chat_files
+    from openchat_jax.hf.chat_files import write_chat_files
 
     spec = validate(load_config(config_path).data)
     folder = tokenizer_folder(spec.tokenizer)

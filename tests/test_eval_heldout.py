@@ -151,7 +151,7 @@ def test_eval_during_training_and_eval_cli_match_transformers(trained, tmp_path)
         assert key in last, key
     assert rows[0]["eval/loss"] != rows[-1]["eval/loss"]
 
-    from openchat_jax.model.hf import export_hf
+    from openchat_jax.hf import export_hf
 
     export_hf(result.final_dir, str(tmp_path / "hf"))
     dataset = Path(config.data.dataset_dir)

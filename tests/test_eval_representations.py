@@ -64,7 +64,7 @@ def test_cli_embeddings_match_transformers(tiny_tokenizer_dir, conversations, tm
     import torch
     import transformers
 
-    from openchat_jax.model.hf import import_hf
+    from openchat_jax.hf import import_hf
 
     config = small_config(tiny_tokenizer_dir, [conversations], tmp_path / "dataset", tmp_path / "run")
     config.data.eval_fraction = 0.5

@@ -14,8 +14,8 @@ import transformers
 from openchat_jax.data.template import build_prompt
 from openchat_jax.data.tokenizer import EOT_TOKEN, load_tokenizer
 from openchat_jax.errors import CheckpointError
-from openchat_jax.infer import export
-from openchat_jax.infer.export import export_chat_files, write_chat_files
+from openchat_jax.hf import chat_files
+from openchat_jax.hf.chat_files import export_chat_files, write_chat_files
 from tests.test_infer_fixtures import chat_ckpt, chat_model  # noqa: F401  (pytest fixtures)
 from tests.tokenizer_fixture import tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
 
@@ -102,7 +102,7 @@ def test_a_tokenizer_saved_by_transformers_exports_exactly(tiny_tokenizer_dir, t
 
 def test_a_wrong_template_is_caught(tiny_tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
     tok, eot = load_tokenizer(tiny_tokenizer_dir)
-    monkeypatch.setattr(export, "render_chat_template", lambda c, f: "{{ bos_token }}{% for m in messages %}"
+    monkeypatch.setattr(chat_files, "render_chat_template", lambda c, f: "{{ bos_token }}{% for m in messages %}"
                         "{{ m['content'] }}{% endfor %}")
     with pytest.raises(CheckpointError, match="does not reproduce the training template"):
         write_chat_files(tmp_path, tok, eot, "GPT4")
@@ -112,7 +112,7 @@ def test_transformers_generate_on_the_export_answers_like_us(chat_ckpt, chat_mod
     import torch
 
     from openchat_jax.infer.engine import answer
-    from openchat_jax.model.hf import export_hf
+    from openchat_jax.hf import export_hf
 
     out = tmp_path / "hf"
     export_hf(str(chat_ckpt), str(out))

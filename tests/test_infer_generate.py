@@ -42,7 +42,7 @@ def hf_model(params, tmp_path_factory):
     """transformers' LlamaForCausalLM loaded from the folder `convert jax-to-hf` writes."""
     import transformers
 
-    from openchat_jax.model.hf import export_hf
+    from openchat_jax.hf import export_hf
 
     root = tmp_path_factory.mktemp("hf_parity")
     save_weights(root / "jax", params, SMALL)

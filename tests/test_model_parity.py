@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hf_fixtures
-from openchat_jax.model import hf
+from openchat_jax import hf
 from openchat_jax.model.llama import forward, init_cache
 
 

@@ -22,9 +22,11 @@ import hf_fixtures
 from openchat_jax import cli
 from openchat_jax.errors import CheckpointError
 from openchat_jax.infer.generate import generate_tokens
-from openchat_jax.model import checkpoint_io, hf, smollm2
+from openchat_jax import hf
+from openchat_jax.hf import smollm2
+from openchat_jax.model import checkpoint_io
 from openchat_jax.model.llama import forward
-from openchat_jax.model.smollm2 import QUESTIONS
+from openchat_jax.hf.smollm2 import QUESTIONS
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from openchat_jax.data.template import ConvClass, Conversation, Message, build_e
 from openchat_jax.data.tfds_builder import open_data_source
 from openchat_jax.data.tokenizer import load_tokenizer
 from openchat_jax.errors import ConfigError
-from openchat_jax.infer.export import write_chat_files
+from openchat_jax.hf.chat_files import write_chat_files
 from tests.test_data_prepare import data_config, sharegpt, write_jsonl
 from tests.test_tokenizer_exact import conversations
 from tests.tokenizer_fixture import build_llama3_style_tokenizer, build_tiny_tokenizer
@@ -188,8 +188,8 @@ def test_inference_and_export_follow_the_recorded_template(tmp_path, name):
     import shutil
 
     from openchat_jax.infer.engine import load_chat_model
-    from openchat_jax.infer.export import export_chat_files
-    from openchat_jax.model.hf import export_hf
+    from openchat_jax.hf.chat_files import export_chat_files
+    from openchat_jax.hf import export_hf
     from tests.test_infer_fixtures import SMALL, random_params, save_weights
 
     folder = build_llama3_style_tokenizer(tmp_path / "tok")

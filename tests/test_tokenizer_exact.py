@@ -22,8 +22,8 @@ from openchat_jax.data.template import build_prompt, piece_encoder
 from openchat_jax.data.tfds_builder import open_data_source
 from openchat_jax.data.tokenizer import load_tokenizer, read_tokenizer, tokenizer_folder
 from openchat_jax.errors import ConfigError
-from openchat_jax.infer.export import export_chat_files
-from openchat_jax.model.hf import export_hf, import_hf
+from openchat_jax.hf.chat_files import export_chat_files
+from openchat_jax.hf import export_hf, import_hf
 from tests import hf_fixtures
 from tests.test_data_prepare import data_config, sharegpt, write_jsonl
 from tests.tokenizer_fixture import build_sentencepiece_tokenizer, build_tiny_tokenizer

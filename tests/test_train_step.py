@@ -1,7 +1,7 @@
 """The train step against independent references and its non-finite guard.
 
 The reference is transformers' LlamaForCausalLM + torch.optim.AdamW with our weights copied in
-(our own mapping here, not openchat_jax.model.hf): each packed conversation is run as its own
+(our own mapping here, not openchat_jax.hf): each packed conversation is run as its own
 sequence (so neither packing nor segment ids exist on the reference side) and the weighted
 objective sum(w * CE) / sum(w) is computed in float64 torch code.
 """

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _hf_to_jax(args: argparse.Namespace) -> int:
-    from openchat_jax.model import checkpoint_io, hf
+    from openchat_jax import hf
+    from openchat_jax.model import checkpoint_io
 
     cfg = hf.import_hf(args.hf_dir, args.out, add_eot=args.add_eot, overwrite=args.overwrite)
     eot = checkpoint_io.read_special_tokens(args.out).get("eot_token_id")
@@ -53,7 +54,7 @@ def _hf_to_jax(args: argparse.Namespace) -> int:
 
 
 def _jax_to_hf(args: argparse.Namespace) -> int:
-    from openchat_jax.model import hf
+    from openchat_jax import hf
 
     files = hf.export_hf(
         args.ckpt, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite
@@ -64,10 +65,10 @@ def _jax_to_hf(args: argparse.Namespace) -> int:
 
 
 def _chat_files(args: argparse.Namespace) -> str:
-    """Chat template + generation_config.json via openchat_jax.infer.export; returns a summary."""
+    """Chat template + generation_config.json via openchat_jax.hf.chat_files; returns a summary."""
     from openchat_jax.errors import CheckpointError
     from openchat_jax.infer.classes import find_classes
-    from openchat_jax.infer.export import export_chat_files
+    from openchat_jax.hf.chat_files import export_chat_files
 
     chosen = any(v is not None for v in (args.condition, args.condition_text, args.classes_from))
     if not chosen and find_classes(args.ckpt) is None:

@@ -85,7 +85,6 @@ class DataSpec:
     files: tuple[Path, ...]
     label_field: str
     classes: tuple[ConvClass, ...]  # with the effective condition (plain when unconditioned)
-    configured_conditions: tuple[str, ...]
     label_to_class: Mapping[str, int]
     default_class: int | None
     conditioned: bool
@@ -239,7 +238,6 @@ def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> Dat
         files=expand_files(data.get("files")) if need_files else (),
         label_field=label_field,
         classes=tuple(classes),
-        configured_conditions=tuple(conditions),
         label_to_class=label_to_class,
         default_class=None if default is None else names.index(default),
         conditioned=conditioned,

