@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from openchat_jax.config import resolve
 from openchat_jax.infer.bench import median_seconds
 from openchat_jax.infer.generate import generate_tokens
 from openchat_jax.model.attention import get_backend, resolve_backend, xla_attention
@@ -123,10 +124,10 @@ def check_attention(sizes: Sizes, report: Callable[[str], None]) -> dict[str, An
 def check_train_step(sizes: Sizes, report: Callable[[str], None]) -> dict[str, Any]:
     cfg = sizes.train_model
     B, L = sizes.train_batch
-    train = base_config().train
-    train.global_batch_size = B
+    run = base_config()
+    run.train.global_batch_size = B
     batch = bench_batch(np.random.default_rng(0), B, L, cfg.vocab_size)
-    step = JaxStep(cfg, train, {"fsdp": -1}, batch, seed=0)
+    step = JaxStep(resolve(run), batch, model_cfg=cfg)
     step()  # first execution
     seconds = statistics.median(step() for _ in range(sizes.train_steps))
     device = jax.devices()[0]

@@ -16,8 +16,7 @@ import statistics
 
 import numpy as np
 
-from openchat_jax.config import load_config
-from openchat_jax.model.config import LlamaConfig
+from openchat_jax.config import load_config, resolve
 from openchat_jax.train.bench import JaxStep, bench_batch
 
 
@@ -30,11 +29,10 @@ def main() -> None:
     args = parser.parse_args()
     steps = []
     for text in args.variants:
-        config = load_config(args.config, shlex.split(text))
-        model_cfg = LlamaConfig.from_config_dict(config.model)
-        B, L = int(config.train.global_batch_size), int(config.data.max_length)
-        batch = bench_batch(np.random.default_rng(config.seed), B, L, model_cfg.vocab_size)
-        step = JaxStep(model_cfg, config.train, config.mesh.to_dict(), batch, config.seed)
+        config = resolve(load_config(args.config, shlex.split(text)), source=args.config)
+        B, L = config.train.global_batch_size, config.data.max_length
+        batch = bench_batch(np.random.default_rng(config.seed), B, L, config.model.vocab_size)
+        step = JaxStep(config, batch)
         step()  # warm-up
         steps.append(step)
     times: list[list[float]] = [[] for _ in steps]

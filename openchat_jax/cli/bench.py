@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from openchat_jax.config import load_config
+from openchat_jax.config import load_config, resolve
 from openchat_jax.errors import ConfigError
 from openchat_jax.cli import ConfigOverridesParser
 
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train_step(args: argparse.Namespace) -> int:
     from openchat_jax.train.bench import bench_train_step
 
-    config = load_config(args.config, args.overrides)
+    config = resolve(load_config(args.config, args.overrides), source=args.config)
     if not args.no_torch:
         try:
             import torch  # noqa: F401
