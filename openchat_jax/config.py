@@ -315,6 +315,8 @@ def build_section(cls: type, values: Any, where: str, *, elsewhere: Iterable[str
         value = _typed_value(key, values[name], hints[name])
         rule = f.metadata.get("rule")
         if rule is not None and value is not None and not rule[0](value):
+            if "choices" in f.metadata:
+                raise ConfigError(f"{key} = {value!r}: choose one of {f.metadata['choices']}")
             raise ConfigError(f"{key}={value!r} must be {rule[1]}")
         out[name] = value
     return cls(**out)
