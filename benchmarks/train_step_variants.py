@@ -13,11 +13,16 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from openchat_jax.config import load_config, resolve
-from openchat_jax.train.bench import JaxStep, bench_batch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's benchmarks package
+
+from benchmarks.train_step import JaxStep, bench_batch  # noqa: E402
+from openchat_jax.config import load_config, resolve  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from openchat_jax.model.checkpoint_io import load_params
 from openchat_jax.train.config import base_config
 from openchat_jax.train.loop import build_run, train
 from openchat_jax.train.metrics import read_metrics
-from openchat_jax.train.synthetic import packed_batch
+from tests.synthetic import packed_batch
 from tests.tokenizer_fixture import tiny_tokenizer_dir, write_sharegpt_conversations  # noqa: F401  (pytest fixture)
 
 SEQ = 96

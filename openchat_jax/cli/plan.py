@@ -19,14 +19,14 @@ from typing import MutableMapping
 
 from openchat_jax.config import load_config, resolve
 from openchat_jax.errors import ConfigError
-from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.cli import ConfigOverridesParser, Subparsers
 from openchat_jax.train.mesh_spec import MESH_AXES, parse_mesh
 
 CHIP_CHOICES = ("v4", "v5e", "v5p", "h100")  # the keys of openchat_jax.train.plan.CHIPS
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "plan",
         help="memory, FLOPs and step time of a config on a TPU/GPU mesh, compiled on fake CPU devices",

@@ -7,10 +7,10 @@ import argparse
 import json
 
 from openchat_jax.config import load_config, resolve
-from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.cli import ConfigOverridesParser, Subparsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "prepare", help="tokenize conversation files into a prepared dataset (TFDS ArrayRecord + report.json)",
         description="Reads config.data (files, classes, label map, tokenizer, max_length, dataset_dir); "

@@ -13,10 +13,10 @@ import argparse
 import logging
 
 from openchat_jax.config import load_config, resolve
-from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.cli import ConfigOverridesParser, Subparsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="C-RLFT training on a prepared dataset",
         description="Trains the model of config.model (or config.init_from) on config.data.dataset_dir; "

@@ -14,6 +14,7 @@ The two ablation switches of the paper (Table 2):
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -155,8 +156,8 @@ def run_config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict
         if isinstance(section, ml_collections.ConfigDict) and isinstance(value, Mapping):
             if name == "train" and "conditioned" in value:
                 value = {k: v for k, v in value.items() if k != "conditioned"}  # set through data.conditioned
-            for field, field_value in value.items():
-                section[field] = field_value
+            for key, field_value in value.items():
+                section[key] = field_value
         else:
             config[name] = value
     return config
@@ -239,13 +240,12 @@ class RunConfig:
 def resolve_run_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> RunConfig:
     """The checks that tie fields together, after each field's own (`build_section`)."""
     values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    for name in ("model", "data", "train", "mesh", "checkpoint"):
+    sections = {name: kind for name, kind in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(kind)}
+    for name in sections:
         if name not in values:
             raise ConfigError(f"the config has no {name!r} section (a run config starts from "
                               "openchat_jax.train.config.base_config)")
-    every_field = [f"{name}.{f.name}" for name, kind in (("model", LlamaConfig), ("data", DataConfig),
-                   ("train", TrainConfig), ("mesh", MeshConfig), ("checkpoint", CheckpointConfig))
-                   for f in dataclasses.fields(kind)]
+    every_field = [f"{name}.{f.name}" for name, kind in sections.items() for f in dataclasses.fields(kind)]
     run = build_section(RunConfig, values, "", elsewhere=every_field)
     train = run.train
     if train.global_batch_size % train.micro_batches:

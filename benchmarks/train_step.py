@@ -1,4 +1,4 @@
-"""`openchat-jax bench train-step`: our jitted train step against transformers + torch.optim.AdamW
+"""`openchat-jax bench train-step` (this file, run from a source checkout): our jitted train step against transformers + torch.optim.AdamW
 on the same model, batch and optimizer step, on this machine's CPU.
 
 1. A matmul peak: the best FLOP/s of a chained n x n matmul in the model's compute dtype (JAX),
@@ -30,10 +30,10 @@ import numpy as np
 
 from openchat_jax.config import resolve
 from openchat_jax.errors import ConfigError
-from openchat_jax.train.config import RunConfig
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import flops as flops_lib
 from openchat_jax.train import mesh as mesh_lib
+from openchat_jax.train.config import RunConfig, TrainConfig
 from openchat_jax.train.step import build_step, init_train_state
 
 
@@ -79,7 +79,7 @@ class JaxStep:
 class TorchStep:
     """transformers LlamaForCausalLM + torch.optim.AdamW, same shapes and hyperparameters."""
 
-    def __init__(self, model_cfg: LlamaConfig, train_cfg: ml_collections.ConfigDict, batch: dict, threads: int):
+    def __init__(self, model_cfg: LlamaConfig, train_cfg: TrainConfig, batch: dict, threads: int):
         import torch
         import transformers
 
@@ -122,7 +122,7 @@ class TorchStep:
 
 
 def bench_train_step(
-    config: ml_collections.ConfigDict,
+    config: RunConfig | ml_collections.ConfigDict,
     *,
     rounds: int = 3,
     steps_per_round: int = 3,
