@@ -4,7 +4,7 @@
    backend on packed rows, forward and backward (gradients of q, k and v): max abs and relative
    error, and time per call.
 2. Train step: tokens/s and MFU of a 1B-shaped Llama (the `bench train-step` machinery:
-   `train.bench.JaxStep` on a synthetic batch, `train.flops` for the FLOPs and the chip's peak).
+   `benchmarks/train_step.py` `JaxStep` on a synthetic batch, `train.flops` for the FLOPs and the chip's peak).
 3. Decode: tokens/s of our KV-cache generation against transformers' `generate` on the same
    device, greedy, same weights (torch on CUDA; skipped with a message when torch has no CUDA,
    and on TPU).
@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,14 +36,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openchat_jax.infer.bench import median_seconds
-from openchat_jax.infer.generate import generate_tokens
-from openchat_jax.model.attention import get_backend, resolve_backend, xla_attention
-from openchat_jax.model.config import TINY, LlamaConfig
-from openchat_jax.model.llama import init_params
-from openchat_jax.train import flops as flops_lib
-from openchat_jax.train.bench import JaxStep, bench_batch
-from openchat_jax.train.config import base_config
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's benchmarks package
+
+from benchmarks.decode import median_seconds  # noqa: E402
+from benchmarks.train_step import JaxStep, bench_batch  # noqa: E402
+from openchat_jax.config import resolve  # noqa: E402
+from openchat_jax.infer.generate import generate_tokens  # noqa: E402
+from openchat_jax.model.attention import get_backend, resolve_backend, xla_attention  # noqa: E402
+from openchat_jax.model.config import TINY, LlamaConfig  # noqa: E402
+from openchat_jax.model.llama import init_params  # noqa: E402
+from openchat_jax.train import flops as flops_lib  # noqa: E402
+from openchat_jax.train.config import base_config  # noqa: E402
 
 # TinyLlama-1.1B's shape (Llama-2 architecture, grouped-query attention).
 ONE_B = LlamaConfig(vocab_size=32000, embed=2048, mlp=5632, num_layers=22, num_heads=32, num_kv_heads=4,
@@ -123,10 +128,10 @@ def check_attention(sizes: Sizes, report: Callable[[str], None]) -> dict[str, An
 def check_train_step(sizes: Sizes, report: Callable[[str], None]) -> dict[str, Any]:
     cfg = sizes.train_model
     B, L = sizes.train_batch
-    train = base_config().train
-    train.global_batch_size = B
+    run = base_config()
+    run.train.global_batch_size = B
     batch = bench_batch(np.random.default_rng(0), B, L, cfg.vocab_size)
-    step = JaxStep(cfg, train, {"fsdp": -1}, batch, seed=0)
+    step = JaxStep(resolve(run), batch, model_cfg=cfg)
     step()  # first execution
     seconds = statistics.median(step() for _ in range(sizes.train_steps))
     device = jax.devices()[0]

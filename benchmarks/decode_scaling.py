@@ -2,7 +2,7 @@
 decode cost of `generate_tokens` on the tiny model with random weights, B prompts of P tokens.
 
 The per-step cost is (time for 65 new tokens - time for 1) / 64, medians of `--repeats` runs after
-a warm-up (the compile), timed by `openchat_jax.infer.bench.median_seconds`. `--prefill-block 0` attends a prefill in one block over all keys, as
+a warm-up (the compile), timed by `benchmarks/decode.py` `median_seconds`. `--prefill-block 0` attends a prefill in one block over all keys, as
 before query blocks existed (for a before/after in one process tree).
 
     python benchmarks/decode_scaling.py --prompt-lens 128,1024,4032 --batch 16
@@ -11,16 +11,20 @@ before query blocks existed (for a before/after in one process tree).
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from openchat_jax.infer.bench import median_seconds
-from openchat_jax.infer.generate import generate_tokens
-from openchat_jax.model import attention
-from openchat_jax.model.config import TINY
-from openchat_jax.model.llama import init_params
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's benchmarks package
+
+from benchmarks.decode import median_seconds  # noqa: E402
+from openchat_jax.infer.generate import generate_tokens  # noqa: E402
+from openchat_jax.model import attention  # noqa: E402
+from openchat_jax.model.config import TINY  # noqa: E402
+from openchat_jax.model.llama import init_params  # noqa: E402
 
 NEW_TOKENS = 65
 

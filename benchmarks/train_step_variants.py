@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from openchat_jax.config import load_config
-from openchat_jax.model.config import LlamaConfig
-from openchat_jax.train.bench import JaxStep, bench_batch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's benchmarks package
+
+from benchmarks.train_step import JaxStep, bench_batch  # noqa: E402
+from openchat_jax.config import load_config, resolve  # noqa: E402
 
 
 def main() -> None:
@@ -30,11 +34,10 @@ def main() -> None:
     args = parser.parse_args()
     steps = []
     for text in args.variants:
-        config = load_config(args.config, shlex.split(text))
-        model_cfg = LlamaConfig.from_config_dict(config.model)
-        B, L = int(config.train.global_batch_size), int(config.data.max_length)
-        batch = bench_batch(np.random.default_rng(config.seed), B, L, model_cfg.vocab_size)
-        step = JaxStep(model_cfg, config.train, config.mesh.to_dict(), batch, config.seed)
+        config = resolve(load_config(args.config, shlex.split(text)), source=args.config)
+        B, L = config.train.global_batch_size, config.data.max_length
+        batch = bench_batch(np.random.default_rng(config.seed), B, L, config.model.vocab_size)
+        step = JaxStep(config, batch)
         step()  # warm-up
         steps.append(step)
     times: list[list[float]] = [[] for _ in steps]

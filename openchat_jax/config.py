@@ -6,12 +6,17 @@ Every mistake is one line naming the file or the override, the form expected, an
 from __future__ import annotations
 
 import ast
+import collections.abc
+import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import traceback
+import types
+import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 
@@ -206,3 +211,128 @@ def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
         (overrides if arg.startswith(CONFIG_PREFIX) else rest).append(arg)
         i += 1
     return rest, overrides
+
+
+# -- the typed run config --------------------------------------------------------------------------
+# Each section of a run config is a frozen dataclass (model: LlamaConfig, data: DataConfig, train:
+# TrainConfig, ...). `resolve` builds them once from the loaded ConfigDict and checks every value
+# there: types from the type hints, ranges and choices from each field's metadata (`at_least`,
+# `in_range`, `one_of`), unknown keys with the nearest known name.
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def at_least(low: float) -> dict[str, Rule]:
+    return {"rule": (lambda v: v >= low, f">= {low}")}
+
+
+def greater_than(low: float) -> dict[str, Rule]:
+    return {"rule": (lambda v: v > low, f"> {low}")}
+
+
+def in_range(low: float, high: float, *, high_open: bool = False) -> dict[str, Rule]:
+    if high_open:
+        return {"rule": (lambda v: low <= v < high, f"in [{low}, {high})")}
+    return {"rule": (lambda v: low <= v <= high, f"in [{low}, {high}]")}
+
+
+def one_of(choices: Iterable[str]) -> dict[str, Rule]:
+    choices = sorted(choices)
+    return {"rule": (lambda v: v in choices, f"one of {choices}"), "choices": choices}
+
+
+_KIND = {int: "an int", float: "a number", bool: "True or False", str: "a string"}
+
+
+def _typed_value(key: str, value: Any, hint: Any) -> Any:
+    """`value` as the type `hint` names, or a ConfigError naming `key`. An int is a float; a list
+    is a tuple; a bool is never an int."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _typed_value(key, value, arg)
+            except ConfigError:
+                continue
+        kinds = " or ".join(_KIND.get(a, getattr(a, "__name__", str(a))) for a in args)
+        raise ConfigError(f"{key}={value!r} must be {kinds}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}={value!r} must be None")
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    if hint in (int, bool, str):
+        if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{key}={value!r} must be {_KIND[hint]}")
+    if origin is tuple:
+        if isinstance(value, str) and args[0] is str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return tuple(_typed_value(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if origin in (Mapping, dict, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r} must be a dict")
+        k_hint, v_hint = args or (Any, Any)
+        return {_typed_value(f"{key} key", k, k_hint): _typed_value(f"{key}[{k!r}]", v, v_hint) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return build_section(hint, value, key)
+    raise TypeError(f"{key}: no rule for the type {hint!r}")
+
+
+def _unknown_field_error(where: str, unknown: str, known: Iterable[str], elsewhere: Iterable[str] = ()) -> ConfigError:
+    close = [f"{where}.{k}" if where else k for k in difflib.get_close_matches(unknown, list(known), n=3, cutoff=0.6)]
+    same = [k for k in elsewhere if k.rsplit(".", 1)[-1] == unknown]
+    near = list(dict.fromkeys(close + same))[:3]
+    hint = f"; did you mean {' or '.join(near)}?" if near else f"; known: {sorted(known)}"
+    return ConfigError(f"no config field {(where + '.' if where else '') + unknown!r}{hint}")
+
+
+def build_section(cls: type, values: Any, where: str, *, elsewhere: Iterable[str] = ()) -> Any:
+    """The dataclass `cls` from a section's plain values: every key known, every value of its
+    field's type and within its rule. `where` is the section's dotted name, for the messages;
+    `elsewhere` the dotted names of other sections' fields (an `lr` at the top is `train.lr`)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a section (a dict of fields), got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise _unknown_field_error(where, str(key), fields, elsewhere)
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"the config has no field {key!r}")
+            continue
+        value = _typed_value(key, values[name], hints[name])
+        rule = f.metadata.get("rule")
+        if rule is not None and value is not None and not rule[0](value):
+            if "choices" in f.metadata:
+                raise ConfigError(f"{key} = {value!r}: choose one of {f.metadata['choices']}")
+            raise ConfigError(f"{key}={value!r} must be {rule[1]}")
+        out[name] = value
+    return cls(**out)
+
+
+def resolve(config: Any, source: str | None = None) -> Any:
+    """The typed run config (openchat_jax.train.config.RunConfig) of a loaded ConfigDict, every
+    value checked; a RunConfig is returned as it is. `source` (the config file) prefixes the
+    messages."""
+    from openchat_jax.train.config import RunConfig, resolve_run_config
+
+    if isinstance(config, RunConfig):
+        return config
+    try:
+        return resolve_run_config(config)
+    except ConfigError as e:
+        if source:
+            raise ConfigError(f"{source}: {e}") from None
+        raise

@@ -118,8 +118,8 @@ def test_bad_sampling_config(kwargs):
 
 @pytest.mark.slow  # ~40 s on the shared 2-core machine (torch import, export, two compiles)
 def test_decode_benchmark_runs_and_agrees_with_transformers():
-    """Smoke test of `python -m openchat_jax.infer.bench` on a very small model."""
-    from openchat_jax.infer.bench import bench_decode
+    """Smoke test of `python benchmarks/decode.py` on a very small model."""
+    from benchmarks.decode import bench_decode
     from tests.test_infer_fixtures import SMALL
 
     lines: list[str] = []

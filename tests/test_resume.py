@@ -4,6 +4,7 @@ skipped, non-finite batches are skipped and N in a row stop the run naming the s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -250,8 +251,7 @@ def _poisoned(b):  # a target outside the vocabulary: its log-probability is nan
 def _with(run, batches, workdir: Path):
     import dataclasses
 
-    config = run.config.copy_and_resolve_references()
-    config.workdir = str(workdir)
+    config = dataclasses.replace(run.config, workdir=str(workdir))
     return dataclasses.replace(run, config=config, loader=FakeLoader(batches), total_steps=len(batches))
 
 
@@ -303,8 +303,7 @@ def test_stop_right_after_a_periodic_save_does_not_save_the_step_twice(fake_run,
             return self.loader.k >= self.after
 
     run = _with(fake_run, fake_batches(4, seed=5), tmp_path / "run")
-    config = run.config.copy_and_resolve_references()
-    config.checkpoint.save_every = 2
+    config = dataclasses.replace(run.config, checkpoint=dataclasses.replace(run.config.checkpoint, save_every=2))
     run.config = config
     result = train(config, run=run, checkpointer=make_checkpointer(config), stop=StopAfter(run.loader, 2))
     assert result.stopped and result.steps_done == 2

@@ -47,8 +47,20 @@ def test_bench_rejects_a_negative_settle_count():
     import pytest
 
     from openchat_jax.errors import ConfigError
-    from openchat_jax.train.bench import bench_train_step
+    from benchmarks.train_step import bench_train_step
     from openchat_jax.train.config import base_config
 
     with pytest.raises(ConfigError, match="settle steps >= 0"):
         bench_train_step(base_config("tiny"), settle_steps=-1, report=lambda _: None)
+
+
+def test_bench_outside_a_source_checkout_says_it_needs_one(tmp_path, monkeypatch, capsys):
+    from openchat_jax.cli import bench as bench_cli
+
+    monkeypatch.setattr(bench_cli, "SOURCE_ROOT", tmp_path)  # an installed package: no benchmarks/ beside it
+    monkeypatch.delitem(__import__("sys").modules, "benchmarks.train_step", raising=False)
+    rc = cli_main(["bench", "train-step", "--config", "configs/bench_50m.py", "--no-torch"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"openchat-jax bench: error: openchat-jax bench needs a source checkout: {tmp_path / 'benchmarks' / 'train_step.py'} " \
+           "does not exist" in err

@@ -22,7 +22,7 @@ from openchat_jax.model.checkpoint_io import load_params
 from openchat_jax.train.config import base_config
 from openchat_jax.train.loop import build_run, train
 from openchat_jax.train.metrics import read_metrics
-from openchat_jax.train.synthetic import packed_batch
+from tests.synthetic import packed_batch
 from tests.tokenizer_fixture import tiny_tokenizer_dir, write_sharegpt_conversations  # noqa: F401  (pytest fixture)
 
 SEQ = 96
@@ -239,8 +239,7 @@ def fake_run(tmp_path_factory):
 
 
 def with_batches(run, batches, **train):
-    config = run.config.copy_and_resolve_references()
-    config.train.update(train)
+    config = dataclasses.replace(run.config, train=dataclasses.replace(run.config.train, **train))
     return dataclasses.replace(run, config=config, loader=FakeLoader(batches))
 
 
@@ -351,8 +350,7 @@ class RestoredAt:
 
 def test_resume_refuses_changed_trajectory_settings_unless_allowed(fake_run, tmp_path, caplog):
     batches = fake_batches(6, seed=2)
-    config = fake_run.config.copy_and_resolve_references()
-    config.workdir = str(tmp_path / "run")
+    config = dataclasses.replace(fake_run.config, workdir=str(tmp_path / "run"))
     run = dataclasses.replace(with_batches(fake_run, batches), config=config)
     ckpt = FakeCheckpointer(every=2)
     train(config, run=run, checkpointer=ckpt, stop=StopAfter(run.loader, 3))
@@ -360,8 +358,7 @@ def test_resume_refuses_changed_trajectory_settings_unless_allowed(fake_run, tmp
     step, state, data_state = ckpt.saved[-1]
 
     def resume(**train_changes):
-        changed = config.copy_and_resolve_references()
-        changed.train.update(train_changes)
+        changed = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_changes))
         resumed = dataclasses.replace(with_batches(fake_run, batches), config=changed)
         return train(changed, run=resumed, checkpointer=FakeCheckpointer(100, RestoredAt(step, state, data_state)),
                      save_final=False)
@@ -380,8 +377,7 @@ def test_resume_refuses_changed_trajectory_settings_unless_allowed(fake_run, tmp
 
 
 def test_a_finished_run_says_so_and_leaves_final_alone(fake_run, tmp_path):
-    config = fake_run.config.copy_and_resolve_references()
-    config.workdir = str(tmp_path / "run")
+    config = dataclasses.replace(fake_run.config, workdir=str(tmp_path / "run"))
     ckpt = FakeCheckpointer(every=100)
     lines: list[str] = []
     first = train(config, run=dataclasses.replace(with_batches(fake_run, fake_batches(6)), config=config),

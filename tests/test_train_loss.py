@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from openchat_jax.config import resolve
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.llama import lm_head
 from openchat_jax.train import loss as loss_lib
 from openchat_jax.train import step as step_lib
+from openchat_jax.train.config import base_config
 from openchat_jax.train.step import loss_options
 from tests.tokenizer_fixture import tiny_tokenizer_dir  # noqa: F401  (pytest fixture)
 
@@ -157,7 +158,11 @@ def test_skip_per_batch_shard_matches_plain_loss(per_row):
 
 
 def test_loss_options_pick_a_dividing_chunk_or_refuse():
-    cfg = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
+    def cfg(**train):
+        values = base_config("tiny").to_dict()
+        values["train"].update({"loss_chunk_length": 0, **train})
+        return resolve(values).train
+
     assert loss_options(cfg(), 4096) == {"fused_head": True, "loss_chunk_length": 0, "skip_unsupervised_logits": True,
                                          "loss_normalization": "token"}
     assert loss_options(cfg(loss_normalization="message"), 64)["loss_normalization"] == "message"
@@ -245,12 +250,23 @@ def test_prepared_messages_are_separate_runs_in_loader_batches(tiny_tokenizer_di
     message_weights = [w for n in (2, 4, 6) for _, _, w in turns[:n] if w is None or w > 0]
     assert mw.sum() == pytest.approx(sum(1.0 if w is None else w for w in message_weights), rel=1e-6)
 def test_build_step_passes_the_train_config_to_the_step(monkeypatch):
+    from openchat_jax.train import mesh as mesh_lib
+
     seen: dict = {}
     monkeypatch.setattr(step_lib, "make_train_step", lambda *args, **kwargs: seen.update(kwargs) or "step")
-    train = ml_collections.ConfigDict({"micro_batches": 4, "weighted": False, "loss_chunk_length": 512})
-    assert step_lib.build_step(None, train, None, None, None, num_classes=3, seq_len=1024) == "step"
+    config = base_config("tiny")
+    config.train.update(micro_batches=4, weighted=False, loss_chunk_length=512)
+    run = resolve(config)
+    one = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    step = step_lib.build_step(run, one, total_steps=10, seq_len=1024, num_classes=3)
+    assert step.fn == "step" and step.model_cfg is run.model and (step.seq_len, step.micro_batches) == (1024, 4)
     assert seen == {"num_classes": 3, "micro_batches": 4, "weighted": False, "fused_head": True,
                     "loss_chunk_length": 512, "skip_unsupervised_logits": True,
                     "loss_normalization": "token"}
-    step_lib.build_step(None, train, None, None, None, num_classes=3, seq_len=1024, micro_batches=1)
-    assert seen["micro_batches"] == 1
+    step_lib.build_step(run, one, total_steps=10, seq_len=1024, micro_batches=1)
+    assert seen["micro_batches"] == 1 and seen["num_classes"] == len(run.data.classes) == 2
+    assert step_lib.build_step(run, one, total_steps=10).seq_len == run.data.max_length == 4096
+    # 8 rows in 4 micro-batches: 2 rows each cannot be split over 8 batch devices (train, plan and bench alike)
+    eight = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()[:8])
+    with pytest.raises(ConfigError, match="2 rows cannot be split over mesh data x fsdp = 8"):
+        step_lib.build_step(run, eight, total_steps=10)

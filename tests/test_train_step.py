@@ -22,7 +22,7 @@ from openchat_jax.model.llama import forward
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train.optimizer import make_optimizer
 from openchat_jax.train.step import init_train_state, make_train_step
-from openchat_jax.train.synthetic import packed_batch
+from tests.synthetic import packed_batch
 
 CFG = TINY.replace(num_layers=2, embed=64, mlp=96, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=128)
 B, L, C = 8, 32, 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any, Protocol
 
 from openchat_jax import __version__
 from openchat_jax.config import split_config_args
@@ -32,7 +33,33 @@ COMMANDS = {
 }
 
 
-class ConfigOverridesParser(argparse.ArgumentParser):
+def _show_default(action: argparse.Action) -> None:
+    """An option's help ends with "(default: X)", unless its help already names the default or
+    the default is empty (None; False for a flag that is off)."""
+    default = action.default
+    if (not action.option_strings or any(default is x for x in (None, False, argparse.SUPPRESS)) or isinstance(default, list)
+            or "default" in (action.help or "").lower()):
+        return
+    action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every command (subparsers are made of the parent's class): each option's
+    help shows its default."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        _show_default(action)
+        return action
+
+
+class Subparsers(Protocol):
+    """What `register(subparsers)` receives: the object `add_subparsers()` returns."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
+
+
+class ConfigOverridesParser(Parser):
     """A command parser that takes the open-ended `--config.key=value` (or `--config.key value`)
     items out before argparse sees them and puts them in `args.overrides` (set `parser.__class__`
     to this)."""
@@ -47,34 +74,13 @@ class ConfigOverridesParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Every option's help ends with "(default: X)", unless its help already names the default or
-    the default is empty (None; False for a flag that is off)."""
-    for action in parser._actions:
-        default = action.default
-        if (not action.option_strings or any(default is x for x in (None, False, argparse.SUPPRESS)) or isinstance(default, list)
-                or "default" in (action.help or "").lower()):
-            continue
-        action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
-
-
-def _every_parser(parser: argparse.ArgumentParser):
-    yield parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                yield from _every_parser(sub)
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openchat-jax", description=DESCRIPTION)
+    parser = Parser(prog="openchat-jax", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"openchat-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         if only is None or name == only:
             importlib.import_module(f"openchat_jax.cli.{module}").register(sub)
-    for each in _every_parser(parser):
-        show_defaults(each)
     return parser
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+from openchat_jax.cli import Subparsers
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("analyze", help="analyses of a trained model (representations: the paper's Fig. 4)")
     analyses = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     rep = analyses.add_parser(

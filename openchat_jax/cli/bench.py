@@ -1,19 +1,48 @@
-"""`openchat-jax bench <what>`: benchmarks that print figures.
+"""`openchat-jax bench <what>`: benchmarks that print figures. They live in the source checkout's
+benchmarks/ folder (not in the installed package), which this command loads.
 
     openchat-jax bench train-step --config configs/bench_50m.py [--config.key=value ...]
-        matmul peak, then our train step vs transformers + torch.optim.AdamW on this CPU."""
+        matmul peak, then our train step vs transformers + torch.optim.AdamW on this CPU
+        (benchmarks/train_step.py)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
+from pathlib import Path
+from types import ModuleType
 
-from openchat_jax.config import load_config
+from openchat_jax.config import load_config, resolve
 from openchat_jax.errors import ConfigError
-from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.cli import ConfigOverridesParser, Subparsers
+
+# The checkout openchat_jax was imported from; an installed wheel has no benchmarks/ beside it.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py of the source checkout, or a ConfigError saying that one is needed."""
+    path = SOURCE_ROOT / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        raise ConfigError(f"openchat-jax bench needs a source checkout: {path} does not exist (the benchmarks "
+                          "are not installed with the package); clone the repository, pip install -e . there "
+                          "and run the command again")
+    module_name = f"benchmarks.{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return sys.modules[module_name]
+
+
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks (train-step)")
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     step = sub.add_parser(
@@ -36,9 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train_step(args: argparse.Namespace) -> int:
-    from openchat_jax.train.bench import bench_train_step
-
-    config = load_config(args.config, args.overrides)
+    bench_train_step = load_benchmark("train_step").bench_train_step
+    config = resolve(load_config(args.config, args.overrides), source=args.config)
     if not args.no_torch:
         try:
             import torch  # noqa: F401

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from openchat_jax.cli import Subparsers
 from openchat_jax.cli.generate import add_model_args, load
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("chat", help="talk to a model in the terminal (multi-turn)")
     add_model_args(parser)
     parser.add_argument("--system", help="system message")

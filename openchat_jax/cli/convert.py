@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from openchat_jax.cli import Subparsers
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: Subparsers) -> None:
     from openchat_jax.data.template import FAMILIES
 
     parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and JAX")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.cli import ConfigOverridesParser, Subparsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="C-RLFT vs SFT in miniature: mixed-quality digit sorting, a tiny Llama trained on the CPU",
         description="Generates mixed-quality digit-sorting conversations (10% from an expert that is always right, "

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+from openchat_jax.cli import Subparsers
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="held-out NLL / perplexity per class under each condition; optionally scored answers",
         description="Scores the held-out split of a prepared dataset (prepare with data.eval_fraction or "

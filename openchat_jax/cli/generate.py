@@ -6,6 +6,7 @@ import argparse
 import time
 
 from openchat_jax.errors import ConfigError
+from openchat_jax.cli import Subparsers
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +60,7 @@ def load(args: argparse.Namespace):
     return model, conv_class, sampling
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("generate", help="answer a JSONL prompts file (messages or MT-bench turns)")
     add_model_args(parser)
     parser.add_argument("--prompts", required=True, help='JSONL: {"id", "messages"} or {"question_id", "turns"}')

@@ -17,16 +17,16 @@ import re
 import sys
 from typing import MutableMapping
 
-from openchat_jax.config import load_config
+from openchat_jax.config import load_config, resolve
 from openchat_jax.errors import ConfigError
-from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.cli import ConfigOverridesParser, Subparsers
 from openchat_jax.train.mesh_spec import MESH_AXES, parse_mesh
 
 CHIP_CHOICES = ("v4", "v5e", "v5p", "h100")  # the keys of openchat_jax.train.plan.CHIPS
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "plan",
         help="memory, FLOPs and step time of a config on a TPU/GPU mesh, compiled on fake CPU devices",
@@ -74,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     mesh_axes = parse_mesh(args.mesh, allow_rest=False) if args.mesh is not None else None
     if mesh_axes is not None and "jax" not in sys.modules:
         force_cpu_devices(math.prod(mesh_axes.values()))
-    config = load_config(args.config, args.overrides)
+    config = resolve(load_config(args.config, args.overrides), source=args.config)
     if mesh_axes is None:
-        mesh_axes = {name: config.mesh.get(name, 1) for name in MESH_AXES}
-        if any(not isinstance(v, int) or v < 1 for v in mesh_axes.values()):
+        mesh_axes = {name: getattr(config.mesh, name) for name in MESH_AXES}
+        if any(v < 1 for v in mesh_axes.values()):
             raise ConfigError(f"the config's mesh {mesh_axes} has a -1 axis: pass --mesh, e.g. --mesh fsdp=32")
         _late_cpu_devices(math.prod(mesh_axes.values()))
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from openchat_jax.config import load_config
-from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.config import load_config, resolve
+from openchat_jax.cli import ConfigOverridesParser, Subparsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "prepare", help="tokenize conversation files into a prepared dataset (TFDS ArrayRecord + report.json)",
         description="Reads config.data (files, classes, label map, tokenizer, max_length, dataset_dir); "
@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if "data" not in config:
         raise ConfigError(f"{args.config}: the config has no 'data' section")
+    if "train" in config:
+        resolve(config, source=args.config)  # a run config: checked whole, as `train` will read it
     report = prepare(config.data, progress=args.progress, overwrite=args.overwrite, verbose=args.verbose)
     summary = {k: v for k, v in report.items() if k not in ("skipped_records", "labels")}
     print(json.dumps(summary, indent=1, ensure_ascii=False))

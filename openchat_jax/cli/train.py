@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from openchat_jax.config import load_config
-from openchat_jax.cli import ConfigOverridesParser
+from openchat_jax.config import load_config, resolve
+from openchat_jax.cli import ConfigOverridesParser, Subparsers
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="C-RLFT training on a prepared dataset",
         description="Trains the model of config.model (or config.init_from) on config.data.dataset_dir; "
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from openchat_jax.train.loop import make_checkpointer, train
 
-    config = load_config(args.config, args.overrides)
+    config = resolve(load_config(args.config, args.overrides), source=args.config)
     # Single process: SIGTERM/SIGINT set a flag the loop polls (save, exit 0). Multi-process: JAX's
     # preemption service owns SIGTERM and the loop asks checkpointer.reached_preemption(step), so
     # every process stops at the same step (a local flag would leave the others in a collective).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import glob
 import math
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from openchat_jax.config import at_least, build_section, in_range, one_of
 from openchat_jax.data.template import DEFAULT_FAMILY, FAMILIES, PLAIN_CONDITION, ConvClass
 from openchat_jax.errors import ConfigError
 
@@ -79,6 +81,38 @@ def data_defaults() -> ml_collections.ConfigDict:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """The `data` section, typed and checked (`data_defaults` documents each field)."""
+
+    files: tuple[str, ...]
+    label_field: str = field(metadata={"rule": (bool, "a non-empty string")})
+    classes: tuple[Mapping[str, Any], ...]  # checked by resolve_classes
+    beta: float
+    label_map: Mapping[str, str]
+    default_class: str
+    allow_empty_classes: bool
+    conditioned: bool
+    role_map: Mapping[str, str]
+    drop_leading_assistant: bool
+    mask_phrases_file: str
+    tokenizer: str
+    max_length: int = field(metadata=at_least(2))
+    dataset_dir: str
+    num_workers: int = field(metadata=at_least(0))
+    template: str = field(metadata=one_of(FAMILIES))
+    eval_fraction: float = field(metadata=in_range(0, 1, high_open=True))
+    eval_files: tuple[str, ...]
+    eval_seed: int
+
+
+def data_config(data: Any) -> DataConfig:
+    """The typed `data` section of a ConfigDict (or a DataConfig as it is)."""
+    if isinstance(data, DataConfig):
+        return data
+    return build_section(DataConfig, _as_plain(data), "data")
+
+
+@dataclass(frozen=True)
 class DataSpec:
     """The validated `data` config."""
 
@@ -117,6 +151,9 @@ def _as_plain(value: Any) -> Any:
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
+CLASS_FIELDS = ("name", "condition", "weight", "reward")
+
+
 def resolve_classes(classes: Any, beta: float) -> tuple[list[ConvClass], list[str]]:
     classes = _as_plain(classes)
     if not isinstance(classes, (list, tuple)) or not classes:
@@ -130,9 +167,11 @@ def resolve_classes(classes: Any, beta: float) -> tuple[list[ConvClass], list[st
         where = f"data.classes[{i}]"
         if not isinstance(c, Mapping):
             raise ConfigError(f"{where} must be a dict with name, condition and weight or reward")
-        unknown = set(c) - {"name", "condition", "weight", "reward"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+        for key in c:
+            if key not in CLASS_FIELDS:
+                near = difflib.get_close_matches(str(key), CLASS_FIELDS, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]!r}?" if near else f"; known: {list(CLASS_FIELDS)}"
+                raise ConfigError(f"{where}: unknown field {key!r}{hint}")
         name = c.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}: 'name' must be a non-empty string")
@@ -189,71 +228,50 @@ def expand_files(patterns: Any) -> tuple[Path, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def validate(data: ml_collections.ConfigDict, *, need_files: bool = True) -> DataSpec:
-    """Checks everything that can be checked without reading data; raises ConfigError."""
-    classes, conditions = resolve_classes(data.get("classes"), data.get("beta", 1.0))
+def validate(data: Any, *, need_files: bool = True) -> DataSpec:
+    """Checks everything that can be checked without reading data; raises ConfigError. The
+    fields' types and ranges are checked by `data_config`; this adds what ties them together
+    (classes, label map, default class) and, with `need_files`, the input files."""
+    data = data_config(data)
+    classes, conditions = resolve_classes(data.classes, data.beta)
     names = [c.name for c in classes]
-    label_map = _as_plain(data.get("label_map")) or {}
-    if not isinstance(label_map, Mapping):
-        raise ConfigError("data.label_map must be a dict {label: class name}")
-    for label, cname in label_map.items():
+    for label, cname in data.label_map.items():
         if cname not in names:
             raise ConfigError(f"data.label_map[{label!r}] = {cname!r}: no such class (classes: {names})")
-    label_to_class, label_match = _label_table(names, conditions, label_map)
-    default = data.get("default_class") or None
+    label_to_class, label_match = _label_table(names, conditions, data.label_map)
+    default = data.default_class or None
     if default is not None and default not in names:
         raise ConfigError(f"data.default_class = {default!r}: no such class (classes: {names})")
-    conditioned = bool(data.get("conditioned", True))
-    if not conditioned:
+    if not data.conditioned:
         classes = [ConvClass(c.name, PLAIN_CONDITION, c.weight) for c in classes]
-    role_map = _role_map(_as_plain(data.get("role_map")) or dict(DEFAULT_ROLE_MAP))
-    max_length = data.get("max_length")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ConfigError(f"data.max_length must be an integer >= 2, got {max_length!r}")
-    label_field = data.get("label_field")
-    if not isinstance(label_field, str) or not label_field:
-        raise ConfigError("data.label_field must be a non-empty string")
-    num_workers = data.get("num_workers", 0)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
-    mask_file = str(data.get("mask_phrases_file", "") or "")
-    template = str(data.get("template", DEFAULT_FAMILY))
-    if template not in FAMILIES:
-        raise ConfigError(f"data.template = {template!r}: known templates are {sorted(FAMILIES)}")
-    eval_fraction = data.get("eval_fraction", 0.0)
-    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction must be a number in [0, 1), got {eval_fraction!r}")
-    eval_files = _as_plain(data.get("eval_files")) or []
-    if eval_fraction and eval_files:
+    role_map = _role_map(data.role_map or dict(DEFAULT_ROLE_MAP))
+    if data.eval_fraction and data.eval_files:
         raise ConfigError("give either data.eval_fraction or data.eval_files for the held-out split, not both")
-    eval_seed = data.get("eval_seed", 0)
-    if isinstance(eval_seed, bool) or not isinstance(eval_seed, int):
-        raise ConfigError(f"data.eval_seed must be an integer, got {eval_seed!r}")
     if need_files:
-        if not data.get("tokenizer"):
+        if not data.tokenizer:
             raise ConfigError("data.tokenizer is empty: give a tokenizer folder or hub name")
-        if not data.get("dataset_dir"):
+        if not data.dataset_dir:
             raise ConfigError("data.dataset_dir is empty: give the output folder")
     return DataSpec(
-        files=expand_files(data.get("files")) if need_files else (),
-        label_field=label_field,
+        files=expand_files(data.files) if need_files else (),
+        label_field=data.label_field,
         classes=tuple(classes),
         label_to_class=label_to_class,
         default_class=None if default is None else names.index(default),
-        conditioned=conditioned,
+        conditioned=data.conditioned,
         role_map=dict(role_map),
-        drop_leading_assistant=bool(data.get("drop_leading_assistant", True)),
-        tokenizer=str(data.get("tokenizer") or ""),
-        max_length=max_length,
-        dataset_dir=Path(str(data.get("dataset_dir") or ".")),
-        num_workers=num_workers,
+        drop_leading_assistant=data.drop_leading_assistant,
+        tokenizer=data.tokenizer,
+        max_length=data.max_length,
+        dataset_dir=Path(data.dataset_dir or "."),
+        num_workers=data.num_workers,
         label_match=label_match,
-        allow_empty_classes=bool(data.get("allow_empty_classes", False)),
-        mask_phrases=read_mask_phrases(mask_file) if need_files and mask_file else (),
-        template=template,
-        eval_fraction=float(eval_fraction),
-        eval_files=_expand_eval_files(eval_files) if need_files and eval_files else (),
-        eval_seed=eval_seed,
+        allow_empty_classes=data.allow_empty_classes,
+        mask_phrases=read_mask_phrases(data.mask_phrases_file) if need_files and data.mask_phrases_file else (),
+        template=data.template,
+        eval_fraction=data.eval_fraction,
+        eval_files=_expand_eval_files(data.eval_files) if need_files and data.eval_files else (),
+        eval_seed=data.eval_seed,
     )
 
 
@@ -283,9 +301,7 @@ def _label_table(names: list[str], conditions: list[str],
     return to_class, how
 
 
-def _role_map(role_map: Any) -> dict[str, str]:
-    if not isinstance(role_map, Mapping):
-        raise ConfigError("data.role_map must be a dict {role name: user | assistant | system}")
+def _role_map(role_map: Mapping[str, str]) -> dict[str, str]:
     bad_roles = {k: v for k, v in role_map.items() if v not in ("user", "assistant", "system")}
     if bad_roles:
         raise ConfigError(f"data.role_map: values must be user/assistant/system, got {bad_roles}")

@@ -13,13 +13,19 @@ The two ablation switches of the paper (Table 2):
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import ml_collections
 
-from openchat_jax.data.config import data_defaults
+from openchat_jax.config import at_least, build_section, greater_than, in_range, one_of
+from openchat_jax.data.config import DataConfig, data_defaults, validate
 from openchat_jax.errors import ConfigError
-from openchat_jax.model.config import PRESETS
+from openchat_jax.model.config import PRESETS, LlamaConfig
+from openchat_jax.train.loss import LOSS_NORMALIZATIONS
+from openchat_jax.train.optimizer import peak_learning_rate
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -150,8 +156,106 @@ def run_config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict
         if isinstance(section, ml_collections.ConfigDict) and isinstance(value, Mapping):
             if name == "train" and "conditioned" in value:
                 value = {k: v for k, v in value.items() if k != "conditioned"}  # set through data.conditioned
-            for field, field_value in value.items():
-                section[field] = field_value
+            for key, field_value in value.items():
+                section[key] = field_value
         else:
             config[name] = value
     return config
+
+
+# -- the typed sections (openchat_jax.config.resolve builds them; the defaults above document them) --
+
+@dataclass(frozen=True)
+class TrainConfig:
+    global_batch_size: int = field(metadata=at_least(1))
+    seq_len: int = field(metadata=at_least(0))
+    micro_batches: int = field(metadata=at_least(1))
+    epochs: int = field(metadata=at_least(0))
+    num_steps: int = field(metadata=at_least(0))
+    lr: str | float
+    warmup_ratio: float = field(metadata=in_range(0, 1))
+    end_lr_ratio: float = field(metadata=in_range(0, 1))
+    b1: float = field(metadata=in_range(0, 1, high_open=True))
+    b2: float = field(metadata=in_range(0, 1, high_open=True))
+    eps: float = field(metadata=at_least(0))
+    weight_decay: float = field(metadata=at_least(0))
+    decay_norms: bool
+    decay_embeddings: bool
+    grad_clip: float = field(metadata=greater_than(0))
+    weighted: bool
+    loss_normalization: str = field(metadata=one_of(LOSS_NORMALIZATIONS))
+    fused_head_loss: bool
+    loss_chunk_length: int = field(metadata=at_least(0))
+    skip_unsupervised_logits: bool
+    conditioned: bool
+    log_every: int
+    progress: bool
+    peak_flops_per_device: float = field(metadata=at_least(0))
+    max_nonfinite_in_a_row: int = field(metadata=at_least(0))
+    tensorboard: bool
+    allow_changed_resume: bool
+    eval_every: int = field(metadata=at_least(0))
+
+
+_MESH_SIZE = {"rule": (lambda v: v >= 1 or v == -1, "a positive int or -1 (the remaining devices)")}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = field(metadata=_MESH_SIZE)
+    fsdp: int = field(metadata=_MESH_SIZE)
+    tensor: int = field(metadata=_MESH_SIZE)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str
+    save_every: int = field(metadata=at_least(0))
+    keep: int
+    async_save: bool
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run config, typed and checked: what `train`, `plan` and `bench` read."""
+
+    seed: int
+    workdir: str
+    init_from: str
+    model: LlamaConfig
+    data: DataConfig
+    train: TrainConfig
+    mesh: MeshConfig
+    checkpoint: CheckpointConfig
+    demo: Mapping[str, Any] | None = None  # the demo's task (openchat_jax.demo.tasks checks it)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as config.json records them."""
+        out = dataclasses.asdict(self)
+        if out["demo"] is None:
+            del out["demo"]
+        return out
+
+
+def resolve_run_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> RunConfig:
+    """The checks that tie fields together, after each field's own (`build_section`)."""
+    values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    sections = {name: kind for name, kind in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(kind)}
+    for name in sections:
+        if name not in values:
+            raise ConfigError(f"the config has no {name!r} section (a run config starts from "
+                              "openchat_jax.train.config.base_config)")
+    every_field = [f"{name}.{f.name}" for name, kind in sections.items() for f in dataclasses.fields(kind)]
+    run = build_section(RunConfig, values, "", elsewhere=every_field)
+    train = run.train
+    if train.global_batch_size % train.micro_batches:
+        raise ConfigError(f"train.micro_batches={train.micro_batches} must divide "
+                          f"train.global_batch_size={train.global_batch_size}")
+    if train.epochs < 1 and train.num_steps < 1:
+        raise ConfigError("train.epochs must be >= 1 (or set train.num_steps > 0)")
+    peak_learning_rate(train.lr, 1)  # "auto" or a finite number > 0
+    sizes = dataclasses.asdict(run.mesh)
+    if list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"only one mesh axis may be -1, got {sizes}")
+    validate(run.data, need_files=False)  # classes, label map, default class
+    return run

@@ -39,6 +39,7 @@ from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import forward
 from openchat_jax.model.partitioning import Rules, use_rules
 from openchat_jax.train import mesh as mesh_lib
+from openchat_jax.train.config import RunConfig
 from openchat_jax.train.loss import Sums, head_loss_sums, zero_sums
 
 EVAL_PREFIX = "eval/"
@@ -186,16 +187,14 @@ class EvalHook:
         return {"step": step, **scalars}
 
 
-def make_eval_hook(config: Any, info: Mapping[str, Any], model_cfg: LlamaConfig, mesh: Mesh,
+def make_eval_hook(config: RunConfig, info: Mapping[str, Any], model_cfg: LlamaConfig, mesh: Mesh,
                    total_steps: int, loss_chunk_length: int = 0) -> EvalHook | None:
     """The hook for `config.train.eval_every` (None when 0); fails here, before training, when the
     dataset has no held-out split."""
-    every = config.train.get("eval_every", 0)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ConfigError(f"train.eval_every={every!r} must be an int >= 0 (0 = no held-out evaluation)")
+    every = config.train.eval_every
     if every == 0:
         return None
     rows = config.train.global_batch_size // config.train.micro_batches
     evaluator = HeldOutEval(config.data.dataset_dir, info, model_cfg, mesh, rows=rows,
-                            seq_len=int(config.data.max_length), loss_chunk_length=loss_chunk_length)
+                            seq_len=config.data.max_length, loss_chunk_length=loss_chunk_length)
     return EvalHook(evaluator, every, total_steps)

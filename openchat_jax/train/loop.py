@@ -32,16 +32,17 @@ from etils import epath
 from jax.sharding import Mesh
 
 from openchat_jax.data.loader import BATCH_KEYS
+from openchat_jax.config import resolve
 from openchat_jax.errors import ConfigError, DataError, OpenChatError
 from openchat_jax.model.checkpoint_io import MODEL_CONFIG
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import flops as flops_lib
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import run_info
+from openchat_jax.train.config import RunConfig
 from openchat_jax.train.metrics import MetricsWriter, ProgressBar, named_scalars
-from openchat_jax.train.optimizer import make_optimizer
 from openchat_jax.train.step import (
-    StepFn, TrainState, abstract_train_state, build_step, init_train_state, loss_options,
+    StepFn, TrainState, abstract_train_state, build_step, check_batch, init_train_state, loss_options,
 )
 
 log = logging.getLogger(__name__)
@@ -68,17 +69,16 @@ class Checkpointing(Protocol):
     def close(self) -> None: ...
 
 
-def make_checkpointer(config: ml_collections.ConfigDict) -> Any:
+def make_checkpointer(config: RunConfig | ml_collections.ConfigDict) -> Any:
     """The run's Checkpointer from `config.checkpoint` (dir "" = WORKDIR/checkpoints;
     save_every 0 = save only at the end of the run and when stopped)."""
     from openchat_jax.train.checkpointing import Checkpointer
 
+    config = resolve(config)
     ckpt = config.checkpoint
     directory = ckpt.dir or (str(Path(config.workdir) / "checkpoints") if config.workdir else "")
     if not directory:
         raise ConfigError("checkpoint.dir and workdir are both empty: give --config.workdir=DIR")
-    if not isinstance(ckpt.save_every, int) or ckpt.save_every < 0:
-        raise ConfigError(f"checkpoint.save_every={ckpt.save_every!r} must be an int >= 0 (0 = only at the end)")
     save_every = ckpt.save_every or 2**62  # never due; the end-of-run / stop save still happens
     return Checkpointer(str(Path(directory).absolute()), save_every=save_every, keep=ckpt.keep,
                         async_save=ckpt.async_save)
@@ -115,7 +115,7 @@ def _preempted(checkpointer: Any, step: int) -> bool:
 
 @dataclasses.dataclass
 class Run:
-    config: ml_collections.ConfigDict
+    config: RunConfig
     model_cfg: LlamaConfig
     mesh: Mesh
     loader: Any  # openchat_jax.data.loader.PackedLoader (or any iterator of local batches)
@@ -154,36 +154,17 @@ class TrainResult:
     eval_history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # eval/* scalars per eval
 
 
-def _check_batch_config(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[int, int]:
-    B, M = config.train.global_batch_size, config.train.micro_batches
-    if not isinstance(B, int) or B < 1:
-        raise ConfigError(f"train.global_batch_size={B!r} must be a positive int")
-    if not isinstance(M, int) or M < 1 or B % M:
-        raise ConfigError(f"train.micro_batches={M!r} must be a positive int dividing train.global_batch_size={B}")
-    shards = mesh_lib.batch_axis_size(mesh)
-    if (B // M) % shards:
-        raise ConfigError(
-            f"a micro-batch of train.global_batch_size / train.micro_batches = {B // M} rows cannot be split "
-            f"over mesh data x fsdp = {shards} devices; make it a multiple of {shards}"
-        )
-    if B % jax.process_count():
-        raise ConfigError(f"train.global_batch_size={B} must be a multiple of the process count {jax.process_count()}")
-    return B, M
-
-
-def resolve_model_config(config: ml_collections.ConfigDict, dataset_info: Mapping[str, Any]) -> LlamaConfig:
+def resolve_model_config(config: RunConfig, dataset_info: Mapping[str, Any]) -> LlamaConfig:
     """The model: from `init_from`'s model_config.json (runtime fields from the config), else from
     `config.model`; `model.vocab_size <= 0` means the dataset's vocabulary size."""
-    model = config.model.to_dict()
+    model = config.model
     if config.init_from:
         from openchat_jax.model.checkpoint_io import read_model_config
 
         stored = read_model_config(config.init_from)
-        cfg = stored.replace(**{k: model[k] for k in RUNTIME_MODEL_FIELDS if k in model}, param_dtype=model["param_dtype"])
+        cfg = stored.replace(**{k: getattr(model, k) for k in RUNTIME_MODEL_FIELDS}, param_dtype=model.param_dtype)
     else:
-        if model.get("vocab_size", 0) <= 0:
-            model["vocab_size"] = int(dataset_info["vocab_size"])
-        cfg = LlamaConfig.from_config_dict(model)
+        cfg = model if model.vocab_size > 0 else model.replace(vocab_size=int(dataset_info["vocab_size"]))
     vocab = int(dataset_info.get("vocab_size", 0))
     if cfg.vocab_size < vocab:
         raise ConfigError(
@@ -194,7 +175,7 @@ def resolve_model_config(config: ml_collections.ConfigDict, dataset_info: Mappin
     return cfg
 
 
-def _peak_flops(config: ml_collections.ConfigDict, model_cfg: LlamaConfig, mesh: Mesh) -> float | None:
+def _peak_flops(config: RunConfig, model_cfg: LlamaConfig, mesh: Mesh) -> float | None:
     devices = list(mesh.devices.flat)
     if config.train.peak_flops_per_device > 0:
         return float(config.train.peak_flops_per_device) * len(devices)
@@ -208,7 +189,7 @@ def _peak_flops(config: ml_collections.ConfigDict, model_cfg: LlamaConfig, mesh:
 
 
 def build_run(
-    config: ml_collections.ConfigDict,
+    config: RunConfig | ml_collections.ConfigDict,
     *,
     loader: Any = None,
     devices: Sequence[jax.Device] | None = None,
@@ -217,10 +198,10 @@ def build_run(
     `loader`: anything with the PackedLoader interface (`info`, `batches_per_epoch`, and a
     grain.DatasetIterator's iteration and get_state/set_state, which checkpoints save); default:
     make_loader over `data.dataset_dir`."""
-    mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
-    B, M = _check_batch_config(config, mesh)
-    if config.train.epochs < 1 and config.train.num_steps <= 0:
-        raise ConfigError("train.epochs must be >= 1 (or set train.num_steps > 0)")
+    config = resolve(config)
+    mesh = mesh_lib.make_mesh(dataclasses.asdict(config.mesh), devices)
+    check_batch(config.train, mesh)  # before reading any data
+    B = config.train.global_batch_size
     if loader is None:
         if not config.data.dataset_dir:
             raise ConfigError("data.dataset_dir is empty: run `openchat-jax prepare` and point it at the output")
@@ -249,28 +230,26 @@ def build_run(
             f"{model_cfg.max_position_embeddings} ({where}); set train.seq_len <= {model_cfg.max_position_embeddings} "
             f"or prepare the data with data.max_length <= {model_cfg.max_position_embeddings}"
         )
-    tx, schedule, peak_lr = make_optimizer(config.train, total_steps, B * seq_len)
-    step_fn = build_step(model_cfg, config.train, tx, schedule, mesh, num_classes=len(class_names), seq_len=seq_len)
+    step = build_step(config, mesh, total_steps=total_steps, model_cfg=model_cfg, seq_len=seq_len,
+                      num_classes=len(class_names))
     from openchat_jax.train.evaluation import make_eval_hook
 
     eval_hook = make_eval_hook(config, info, model_cfg, mesh, total_steps,
                                loss_options(config.train, seq_len)["loss_chunk_length"])
     return Run(
         config=config, model_cfg=model_cfg, mesh=mesh, loader=loader, dataset_info=info, class_names=class_names,
-        seq_len=seq_len, global_batch_size=B, total_steps=total_steps, tx=tx, schedule=schedule, peak_lr=peak_lr,
-        step_fn=step_fn, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
+        seq_len=seq_len, global_batch_size=B, total_steps=total_steps, tx=step.tx, schedule=step.schedule,
+        peak_lr=step.peak_lr, step_fn=step.fn, flops_per_token=flops_lib.flops_per_token(model_cfg, seq_len),
         peak_flops=_peak_flops(config, model_cfg, mesh), seq_len_source=seq_len_source,
         batches_per_epoch=int(getattr(loader, "batches_per_epoch", 0) or 0), eval_hook=eval_hook,
     )
 
 
-def row_length(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> tuple[int, str]:
+def row_length(config: RunConfig, info: Mapping[str, Any]) -> tuple[int, str]:
     """Tokens per packed row, and where that number comes from: `train.seq_len` when set (an
     explicit override), else the max_length the dataset was prepared with, else (a loader that
     records none) `data.max_length`."""
-    explicit = config.train.get("seq_len", 0)
-    if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 0:
-        raise ConfigError(f"train.seq_len={explicit!r} must be an int >= 0 (0 = the dataset's max_length)")
+    explicit = config.train.seq_len
     prepared = info.get("max_length")
     if explicit:
         if prepared is not None and explicit != prepared:
@@ -281,7 +260,7 @@ def row_length(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> tu
     return int(config.data.max_length), "data.max_length"
 
 
-def _check_dataset_matches(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> None:
+def _check_dataset_matches(config: RunConfig, info: Mapping[str, Any]) -> None:
     prepared = info.get("conditioned")
     if prepared is not None and bool(prepared) != bool(config.train.conditioned):
         raise ConfigError(
@@ -354,7 +333,7 @@ class _Meter:
 
 
 def train(
-    config: ml_collections.ConfigDict,
+    config: RunConfig | ml_collections.ConfigDict,
     *,
     run: Run | None = None,
     checkpointer: Checkpointing | None = None,
@@ -365,6 +344,7 @@ def train(
     """`say` receives the startup and closing summaries line by line (default: this module's
     logger at INFO, which `openchat-jax train` shows); only process 0 says anything."""
     run = build_run(config) if run is None else run
+    config = run.config
     workdir = Path(config.workdir) if config.workdir else None
     if workdir is None:
         raise ConfigError("workdir is empty: give --config.workdir=DIR for logs and the final weights")
@@ -383,7 +363,7 @@ def train(
     if restored is not None:
         try:
             changes = run_info.check_resume(config.workdir, record, start,
-                                            allow_changed=bool(config.train.get("allow_changed_resume", False)))
+                                            allow_changed=config.train.allow_changed_resume)
         except ConfigError:
             checkpointer.close()
             raise

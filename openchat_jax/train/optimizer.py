@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from openchat_jax.errors import ConfigError
@@ -91,12 +90,11 @@ def decay_mask(params: Any, *, decay_norms: bool, decay_embeddings: bool) -> Any
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int, tokens_per_step: int):
-    """-> (optax transformation, schedule, peak lr)."""
+def make_optimizer(train_cfg: Any, total_steps: int, tokens_per_step: int):
+    """-> (optax transformation, schedule, peak lr). `train_cfg`: the `train` section (a
+    TrainConfig, checked when the config was resolved)."""
     peak = peak_learning_rate(train_cfg.lr, tokens_per_step)
     schedule = lr_schedule(peak, total_steps, train_cfg.warmup_ratio, train_cfg.end_lr_ratio)
-    if not train_cfg.grad_clip > 0:
-        raise ConfigError(f"train.grad_clip={train_cfg.grad_clip} must be > 0")
     mask = None
     if not (train_cfg.decay_norms and train_cfg.decay_embeddings):
         mask = lambda p: decay_mask(  # noqa: E731

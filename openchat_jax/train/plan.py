@@ -36,13 +36,14 @@ import ml_collections
 import numpy as np
 
 from openchat_jax.data.loader import BATCH_KEYS
+from openchat_jax.config import resolve
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.dense import accelerator_layout
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import step as step_lib
+from openchat_jax.train.config import RunConfig
 from openchat_jax.train.flops import PEAK_FLOPS_BY_KIND, flops_per_token
-from openchat_jax.train.optimizer import make_optimizer
 
 GiB = 1024**3
 
@@ -154,10 +155,10 @@ class Plan:
         return out
 
 
-def mesh_from_config(config: ml_collections.ConfigDict) -> dict[str, int]:
+def mesh_from_config(config: RunConfig) -> dict[str, int]:
     """The config's `mesh` section, which must be fully specified for planning (no -1)."""
-    sizes = {name: config.mesh.get(name, 1) for name in mesh_lib.MESH_AXES}
-    if any(not isinstance(v, int) or v < 1 for v in sizes.values()):
+    sizes = dataclasses.asdict(config.mesh)
+    if any(v < 1 for v in sizes.values()):
         raise ConfigError(
             f"mesh {sizes} has a -1 (or invalid) axis: the planner needs the device count, pass --mesh fsdp=N"
         )
@@ -183,45 +184,32 @@ def abstract_batch(global_batch_size: int, seq_len: int, mesh: jax.sharding.Mesh
     }
 
 
-def _check_batch(global_batch_size: Any, micro_batches: Any, batch_shards: int) -> None:
-    # The same rules the train loop enforces (train/loop.py), checked before compiling anything.
-    B, M = global_batch_size, micro_batches
-    if not isinstance(B, int) or B < 1:
-        raise ConfigError(f"train.global_batch_size={B!r} must be a positive int")
-    if not isinstance(M, int) or M < 1 or B % M:
-        raise ConfigError(f"train.micro_batches={M!r} must be a positive int dividing train.global_batch_size={B}")
-    if (B // M) % batch_shards:
-        raise ConfigError(
-            f"a micro-batch of train.global_batch_size / train.micro_batches = {B // M} rows cannot be split "
-            f"over mesh data x fsdp = {batch_shards} devices; make it a multiple of {batch_shards}"
-        )
-
-
-def model_config_for_plan(config: ml_collections.ConfigDict) -> tuple[LlamaConfig, list[str]]:
+def model_config_for_plan(config: RunConfig | ml_collections.ConfigDict) -> tuple[LlamaConfig, list[str]]:
     """config.model as a LlamaConfig the CPU can compile, and notes on what was substituted."""
+    config = resolve(config)
     notes = []
-    model = config.model.to_dict()
-    if model.get("vocab_size", 0) <= 0:
+    model = dataclasses.asdict(config.model)
+    if model["vocab_size"] <= 0:
         model["vocab_size"] = DEFAULT_VOCAB_SIZE
         notes.append(
             f"model.vocab_size <= 0 (taken from the dataset at train time): planned with {DEFAULT_VOCAB_SIZE} "
             "(Llama-2 + <|end_of_turn|>); override with --config.model.vocab_size=N"
         )
-    if model.get("attention", "auto") != "xla":
-        kernel = "selects an accelerator kernel (splash on TPU, cudnn on GPU)" if model.get("attention", "auto") == "auto" \
+    if model["attention"] != "xla":
+        kernel = "selects an accelerator kernel (splash on TPU, cudnn on GPU)" if model["attention"] == "auto" \
             else "is an accelerator kernel"
         notes.append(
-            f"model.attention={model.get('attention', 'auto')!r} {kernel} that XLA:CPU cannot compile: "
+            f"model.attention={model['attention']!r} {kernel} that XLA:CPU cannot compile: "
             "planned with 'xla', which materialises the [heads, L, L] scores of a layer: the temporaries "
             "include buffers the kernel does not need"
         )
         model["attention"] = "xla"
-    if config.get("init_from"):
+    if config.init_from:
         notes.append(
             f"init_from={config.init_from!r}: planned from config.model (the weights folder's model_config.json "
             "is not read); its shapes must match"
         )
-    return LlamaConfig.from_config_dict(model), notes
+    return LlamaConfig(**model), notes
 
 
 def _lowered_flops(lowered: Any) -> float | None:
@@ -236,13 +224,13 @@ def _lowered_flops(lowered: Any) -> float | None:
     return float(cost["flops"])
 
 
-def row_length(config: ml_collections.ConfigDict) -> int:
+def row_length(config: RunConfig) -> int:
     """The row length `train` would use with a dataset prepared at `data.max_length`."""
-    return int(config.train.get("seq_len", 0) or config.data.max_length)
+    return config.train.seq_len or config.data.max_length
 
 
 def xla_flops_per_step(
-    model_cfg: LlamaConfig, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_classes: int
+    model_cfg: LlamaConfig, config: RunConfig, mesh: jax.sharding.Mesh, num_classes: int
 ) -> float | None:
     """XLA's HLO cost analysis of the whole step (all devices), extrapolated from unrolled 1- and
     2-layer versions at micro_batches=1 (see the module doc for why)."""
@@ -250,9 +238,9 @@ def xla_flops_per_step(
     counts = []
     for layers in (1, 2):
         cfg = model_cfg.replace(num_layers=layers, scan_layers=False)
-        tx, schedule, _ = make_optimizer(config.train, _PLACEHOLDER_STEPS, B * L)
-        fn = step_lib.build_step(cfg, config.train, tx, schedule, mesh, num_classes=num_classes, seq_len=L, micro_batches=1)
-        flops = _lowered_flops(fn.lower(step_lib.abstract_train_state(cfg, tx, mesh), abstract_batch(B, L, mesh)))
+        step = step_lib.build_step(config, mesh, total_steps=_PLACEHOLDER_STEPS, model_cfg=cfg, seq_len=L,
+                                   num_classes=num_classes, micro_batches=1)
+        flops = _lowered_flops(step.fn.lower(step_lib.abstract_train_state(cfg, step.tx, mesh), abstract_batch(B, L, mesh)))
         if flops is None:
             return None
         counts.append(flops)
@@ -289,7 +277,7 @@ def _collect_sharding_warnings() -> Iterator[list[str]]:
 
 
 def plan_step(
-    config: ml_collections.ConfigDict,
+    config: RunConfig | ml_collections.ConfigDict,
     *,
     mesh_axes: Mapping[str, int] | None = None,
     chip: str = "v5p",
@@ -302,13 +290,14 @@ def plan_step(
 
     Uses the first prod(mesh) of `devices` (default jax.devices()); on a CPU host, fake them with
     XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported (the CLI does)."""
+    config = resolve(config)
     with _collect_sharding_warnings() as warnings, accelerator_layout():
         plan = _plan_step(config, mesh_axes, chip, mfu, devices, compile, count_xla_flops)
     return dataclasses.replace(plan, notes=plan.notes + tuple(f"sharding: {w}" for w in warnings))
 
 
 def _plan_step(
-    config: ml_collections.ConfigDict,
+    config: RunConfig,
     mesh_axes: Mapping[str, int] | None,
     chip: str,
     mfu: float,
@@ -330,23 +319,19 @@ def _plan_step(
         )
     mesh = mesh_lib.make_mesh(axes, available[:n])
     B, M = config.train.global_batch_size, config.train.micro_batches
-    _check_batch(B, M, mesh_lib.batch_axis_size(mesh))
     L = row_length(config)
-    if L < 1:
-        raise ConfigError(f"data.max_length={L} must be >= 1")
     num_classes = len(config.data.classes)
     model_cfg, notes = model_config_for_plan(config)
 
-    tx, schedule, _ = make_optimizer(config.train, _PLACEHOLDER_STEPS, B * L)
-    state = step_lib.abstract_train_state(model_cfg, tx, mesh)  # eval_shape: nothing allocated
+    step = step_lib.build_step(config, mesh, total_steps=_PLACEHOLDER_STEPS, model_cfg=model_cfg, seq_len=L)
+    state = step_lib.abstract_train_state(model_cfg, step.tx, mesh)  # eval_shape: nothing allocated
     batch = abstract_batch(B, L, mesh)
     params_bytes = per_device_bytes(state["params"])
     opt_bytes = per_device_bytes(state["opt_state"])
     grads_bytes = params_bytes  # same shapes and shardings, accumulated in the param dtype
 
-    fn = step_lib.build_step(model_cfg, config.train, tx, schedule, mesh, num_classes=num_classes, seq_len=L)
     t0 = time.perf_counter()
-    lowered = fn.lower(state, batch)
+    lowered = step.fn.lower(state, batch)
     lower_s = time.perf_counter() - t0
     mem = None
     compile_s = None

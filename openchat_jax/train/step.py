@@ -15,6 +15,7 @@ gradient norm is not finite, params and optimizer state come back unchanged and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any, Callable
@@ -30,9 +31,10 @@ from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.llama import forward, init_params, lm_head_weight, param_shapes
 from openchat_jax.model.partitioning import Rules, constrain, use_rules
 from openchat_jax.train import mesh as mesh_lib
-from openchat_jax.train.loss import (LOSS_NORMALIZATIONS, head_loss_sums, loss_sums, sums_to_metrics,
+from openchat_jax.train.config import RunConfig, TrainConfig
+from openchat_jax.train.loss import (head_loss_sums, loss_sums, sums_to_metrics,
                                      token_weights, zero_sums)
-from openchat_jax.train.optimizer import Schedule, schedule_count
+from openchat_jax.train.optimizer import Schedule, make_optimizer, schedule_count
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +205,11 @@ def train_step(
     return new_state, metrics
 
 
-def loss_options(train_cfg: Any, seq_len: int) -> dict[str, Any]:
+def loss_options(train_cfg: TrainConfig, seq_len: int) -> dict[str, Any]:
     """The train config's loss implementation fields, as `make_train_step` keyword arguments.
     `train.loss_chunk_length` is an upper bound: the chunk is its largest divisor of the sequence
     length, or the whole row when no divisor is at least half of it."""
-    chunk = train_cfg.get("loss_chunk_length", 0)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise ConfigError(f"train.loss_chunk_length={chunk!r} must be an int >= 0 (0 = whole rows)")
+    chunk = train_cfg.loss_chunk_length
     if 0 < chunk < seq_len:
         divisor = max(d for d in range(1, chunk + 1) if seq_len % d == 0)
         if divisor < chunk // 2:
@@ -219,35 +219,66 @@ def loss_options(train_cfg: Any, seq_len: int) -> dict[str, Any]:
         chunk = divisor
     else:
         chunk = 0
-    skip = train_cfg.get("skip_unsupervised_logits", True)
-    if not isinstance(skip, bool):
-        raise ConfigError(f"train.skip_unsupervised_logits={skip!r} must be True or False")
-    normalization = train_cfg.get("loss_normalization", "token")
-    if normalization not in LOSS_NORMALIZATIONS:
-        raise ConfigError(f"train.loss_normalization={normalization!r} must be one of {list(LOSS_NORMALIZATIONS)}")
-    return {"fused_head": bool(train_cfg.get("fused_head_loss", True)), "loss_chunk_length": chunk,
-            "skip_unsupervised_logits": skip, "loss_normalization": normalization}
+    return {"fused_head": train_cfg.fused_head_loss, "loss_chunk_length": chunk,
+            "skip_unsupervised_logits": train_cfg.skip_unsupervised_logits,
+            "loss_normalization": train_cfg.loss_normalization}
+
+
+def check_batch(train_cfg: TrainConfig, mesh: Mesh, micro_batches: int | None = None) -> None:
+    """The batch rules of a step on `mesh`: each micro-batch's rows split evenly over the batch
+    devices (data x fsdp), the global batch over the processes. (The config alone already has
+    micro_batches dividing global_batch_size.)"""
+    B, M = train_cfg.global_batch_size, train_cfg.micro_batches if micro_batches is None else micro_batches
+    shards = mesh_lib.batch_axis_size(mesh)
+    if (B // M) % shards:
+        raise ConfigError(
+            f"a micro-batch of train.global_batch_size / train.micro_batches = {B // M} rows cannot be split "
+            f"over mesh data x fsdp = {shards} devices; make it a multiple of {shards}"
+        )
+    if B % jax.process_count():
+        raise ConfigError(f"train.global_batch_size={B} must be a multiple of the process count {jax.process_count()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A run's jitted step and what it was built with."""
+
+    fn: StepFn
+    model_cfg: LlamaConfig
+    tx: optax.GradientTransformation
+    schedule: Schedule
+    peak_lr: float
+    seq_len: int
+    micro_batches: int
 
 
 def build_step(
-    model_cfg: LlamaConfig,
-    train_cfg: Any,
-    tx: optax.GradientTransformation,
-    schedule: Schedule,
+    run: RunConfig,
     mesh: Mesh,
     *,
-    num_classes: int,
-    seq_len: int,
+    total_steps: int,
+    model_cfg: LlamaConfig | None = None,
+    seq_len: int | None = None,
+    num_classes: int | None = None,
     micro_batches: int | None = None,
-) -> StepFn:
-    """The train step a run's `config.train` describes (its micro-batches, `weighted` and the loss
-    implementation fields of `loss_options`); the one builder for train, plan and bench.
-    `micro_batches` overrides the config's (plan counts FLOPs at 1)."""
-    return make_train_step(
-        model_cfg, tx, schedule, mesh, num_classes=num_classes,
-        micro_batches=train_cfg.micro_batches if micro_batches is None else micro_batches,
-        weighted=train_cfg.get("weighted", True), **loss_options(train_cfg, seq_len),
+) -> TrainStep:
+    """The train step a run config describes, on `mesh`: its batch rules, optimizer and schedule
+    over `total_steps`, micro-batches, `weighted` and loss implementation (`loss_options`); the
+    one builder for train, plan and bench. Each keyword overrides what the config gives: the
+    model (default `run.model`; train takes the vocabulary from the dataset, plan substitutes
+    what XLA:CPU cannot compile), the row length (default `train.seq_len` or `data.max_length`),
+    the classes (default `data.classes`) and the micro-batches (plan counts FLOPs at 1)."""
+    model_cfg = run.model if model_cfg is None else model_cfg
+    seq_len = seq_len or run.train.seq_len or run.data.max_length
+    micro_batches = run.train.micro_batches if micro_batches is None else micro_batches
+    check_batch(run.train, mesh, micro_batches)
+    tx, schedule, peak_lr = make_optimizer(run.train, total_steps, run.train.global_batch_size * seq_len)
+    fn = make_train_step(
+        model_cfg, tx, schedule, mesh, num_classes=len(run.data.classes) if num_classes is None else num_classes,
+        micro_batches=micro_batches, weighted=run.train.weighted, **loss_options(run.train, seq_len),
     )
+    return TrainStep(fn=fn, model_cfg=model_cfg, tx=tx, schedule=schedule, peak_lr=peak_lr, seq_len=seq_len,
+                     micro_batches=micro_batches)
 
 
 def make_train_step(

@@ -1,4 +1,4 @@
-"""Synthetic packed batches with the loader's layout (for benchmarks and tests, never training)."""
+"""Synthetic packed batches with the loader's layout, for the train step and loop tests."""
 
 from __future__ import annotations
 

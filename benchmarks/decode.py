@@ -4,7 +4,7 @@ token), end to end (prefill included), median over repeats after one warm-up run
 timed at each thread count asked for (default: 1 and its default) and the fastest counts, so the
 ratio is not flattered by thread oversubscription on a shared machine.
 
-    python -m openchat_jax.infer.bench [--batch-sizes 1,16] [--prompt-len 64] [--new-tokens 128]
+    python benchmarks/decode.py [--batch-sizes 1,16] [--prompt-len 64] [--new-tokens 128]
 """
 
 from __future__ import annotations

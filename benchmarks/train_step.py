@@ -1,4 +1,4 @@
-"""`openchat-jax bench train-step`: our jitted train step against transformers + torch.optim.AdamW
+"""`openchat-jax bench train-step` (this file, run from a source checkout): our jitted train step against transformers + torch.optim.AdamW
 on the same model, batch and optimizer step, on this machine's CPU.
 
 1. A matmul peak: the best FLOP/s of a chained n x n matmul in the model's compute dtype (JAX),
@@ -18,6 +18,7 @@ less the LM head's FLOPs for the positions it skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -27,11 +28,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from openchat_jax.config import resolve
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import flops as flops_lib
 from openchat_jax.train import mesh as mesh_lib
-from openchat_jax.train.optimizer import make_optimizer
+from openchat_jax.train.config import RunConfig, TrainConfig
 from openchat_jax.train.step import build_step, init_train_state
 
 
@@ -50,15 +52,19 @@ def bench_batch(rng: np.random.Generator, batch_size: int, seq_len: int, vocab_s
 
 
 class JaxStep:
-    def __init__(self, model_cfg: LlamaConfig, train_cfg: ml_collections.ConfigDict, mesh_cfg: dict, batch: dict, seed: int):
+    """The run config's train step (`build_step`, as `train` builds it) on `batch` (two classes),
+    initialised from `run.seed`; `model_cfg` replaces `run.model`."""
+
+    def __init__(self, run: RunConfig, batch: dict, *, model_cfg: LlamaConfig | None = None):
         B, L = batch["tokens"].shape
-        self.mesh = mesh_lib.make_mesh(mesh_cfg)
-        tx, schedule, _ = make_optimizer(train_cfg, total_steps=1000, tokens_per_step=B * L)
-        self.state = init_train_state(model_cfg, tx, self.mesh, seed)
-        self.step = build_step(model_cfg, train_cfg, tx, schedule, self.mesh, num_classes=2, seq_len=L)
+        if B != run.train.global_batch_size:
+            raise ConfigError(f"a batch of {B} rows for train.global_batch_size={run.train.global_batch_size}")
+        self.mesh = mesh_lib.make_mesh(dataclasses.asdict(run.mesh))
+        step = build_step(run, self.mesh, total_steps=1000, model_cfg=model_cfg, seq_len=L, num_classes=2)
+        self.state = init_train_state(step.model_cfg, step.tx, self.mesh, run.seed)
         self.batch = mesh_lib.global_batch(batch, self.mesh)
         t0 = time.perf_counter()
-        self.compiled = self.step.lower(self.state, self.batch).compile()
+        self.compiled = step.fn.lower(self.state, self.batch).compile()
         self.compile_seconds = time.perf_counter() - t0
 
     def __call__(self) -> float:
@@ -73,7 +79,7 @@ class JaxStep:
 class TorchStep:
     """transformers LlamaForCausalLM + torch.optim.AdamW, same shapes and hyperparameters."""
 
-    def __init__(self, model_cfg: LlamaConfig, train_cfg: ml_collections.ConfigDict, batch: dict, threads: int):
+    def __init__(self, model_cfg: LlamaConfig, train_cfg: TrainConfig, batch: dict, threads: int):
         import torch
         import transformers
 
@@ -116,7 +122,7 @@ class TorchStep:
 
 
 def bench_train_step(
-    config: ml_collections.ConfigDict,
+    config: RunConfig | ml_collections.ConfigDict,
     *,
     rounds: int = 3,
     steps_per_round: int = 3,
@@ -125,13 +131,14 @@ def bench_train_step(
     matmul_size: int = 2048,
     report: Any = print,
 ) -> dict[str, Any]:
-    model_cfg = LlamaConfig.from_config_dict(config.model)
+    config = resolve(config)
+    model_cfg = config.model
     if rounds < 1 or steps_per_round < 1 or settle_steps < 0:
         raise ConfigError(f"bench needs rounds >= 1, steps per round >= 1 and settle steps >= 0; got {rounds}, "
                           f"{steps_per_round}, {settle_steps}")
     if model_cfg.vocab_size <= 0:
         raise ConfigError("bench needs model.vocab_size > 0 (no dataset is read)")
-    B, L = int(config.train.global_batch_size), int(config.data.max_length)
+    B, L = config.train.global_batch_size, config.data.max_length
     device = jax.devices()[0]
     threads = os.cpu_count() or 1
     report(f"device: {device.device_kind} x{len(jax.devices())} ({device.platform}); torch threads: {threads}")
@@ -143,7 +150,7 @@ def bench_train_step(
     fpt = flops_lib.flops_per_token(model_cfg, L)
     batch = bench_batch(np.random.default_rng(config.seed), B, L, model_cfg.vocab_size)
 
-    jax_step = JaxStep(model_cfg, config.train, config.mesh.to_dict(), batch, config.seed)
+    jax_step = JaxStep(config, batch)
     report(f"jax: compiled in {jax_step.compile_seconds:.1f} s")
     jax_step()  # warm-up (first execution)
     torch_step = None
