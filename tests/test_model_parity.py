@@ -196,10 +196,10 @@ def test_kv_cache_decode_matches_full_forward(name, tmp_path_factory):
 
 
 def test_rope_table_lookup_equals_the_direct_formula():
-    """`rope_tables(..., table_size)` looks the angles' sin and cos up in a table; it must equal
+    """The CPU's `rope_tables(..., num_positions)` looks the angles' sin and cos up in a table; it must equal
     NumPy's sin/cos of the same float32 angles (HF's formula), and a position outside the table
     (negative ones included) gives NaN rather than a silently wrong rotation."""
-    from openchat_jax.model.llama import rope_tables
+    from openchat_jax.model.cpu import rope_tables
 
     D, theta, size = 16, 10000.0, 64
     positions = np.array([[0, 1, 2, 63], [5, -1, 40, 64]], np.int32)
@@ -211,7 +211,7 @@ def test_rope_table_lookup_equals_the_direct_formula():
     np.testing.assert_allclose(np.asarray(sin)[inside], np.sin(angles)[inside], atol=2e-6)
     np.testing.assert_allclose(np.asarray(cos)[inside], np.cos(angles)[inside], atol=2e-6)
     assert np.isnan(np.asarray(sin)[~inside]).all() and np.isnan(np.asarray(cos)[~inside]).all()
-    direct = rope_tables(jnp.asarray(positions), inv_freq)
+    direct = rope_tables(jnp.asarray(positions), inv_freq, None)
     np.testing.assert_allclose(np.asarray(sin)[inside], np.asarray(direct[0])[inside], atol=2e-6)
 
 

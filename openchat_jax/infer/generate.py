@@ -32,8 +32,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from openchat_jax.errors import DataError
 from openchat_jax.infer.sampling import SamplingConfig, sample
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import CACHE_AXES, Params, forward, init_cache
-from openchat_jax.model.partitioning import Rules, constrain, logical_to_spec, use_rules
+from openchat_jax.model.llama import Params, forward, init_cache
+from openchat_jax.model.partitioning import Rules, logical_to_spec, use_rules
 
 MAX_STOP_IDS = 8
 
@@ -93,11 +93,6 @@ def _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, 
     positions_BxP = jnp.maximum(slots_P[None, :] - pad_P_B[:, None], 0)
 
     cache = init_cache(cfg, B, P + N)
-    cache = {
-        "k": constrain(cache["k"], CACHE_AXES),
-        "v": constrain(cache["v"], CACHE_AXES),
-        "segment_ids": constrain(cache["segment_ids"], ("batch", "length")),
-    }
     if P > 1:
         _, cache = forward(params, cfg, tokens_BxP[:, :-1], positions_BxP[:, :-1], segment_ids_BxP[:, :-1],
                            cache=cache, cache_index=0)

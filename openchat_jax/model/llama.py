@@ -16,7 +16,6 @@ Weight layout (Ly layers, E embed, H heads, K kv_heads, D head_dim, M mlp, V voc
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -25,9 +24,9 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from openchat_jax.model.attention import get_backend
+from openchat_jax.model import cpu
+from openchat_jax.model.attention import AttendFn, get_backend, resolve_backend
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.dense import dense
 from openchat_jax.model.partitioning import constrain
 
 Params = dict[str, Any]
@@ -141,21 +140,44 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     return inv_freq
 
 
-def rope_tables(positions_BxL: jax.Array, inv_freq_D2: np.ndarray,
-                table_size: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """sin and cos [B, L, D] of the rotary angles (`inv_freq_D2` from `rope_frequencies`). With
-    `table_size`, they are computed once for positions 0 .. table_size - 1 and looked up (a
-    position outside the table, negative ones included, gives NaN rather than a wrong rotation):
-    computed directly, XLA:CPU fuses sin and cos into each rotation and recomputes them for every
-    head (~10 ms per [8, 512, 8, 64] rotation on one core; docs/benchmarks.md)."""
-    if table_size is not None:
-        sin_TxD, cos_TxD = (t[0] for t in rope_tables(jnp.arange(table_size)[None], inv_freq_D2))
-        index_BxL = jnp.where(positions_BxL < 0, table_size, positions_BxL)  # take() would wrap negatives
-        look_up = functools.partial(jnp.take, indices=index_BxL, axis=0, mode="fill", fill_value=jnp.nan)
-        return look_up(sin_TxD), look_up(cos_TxD)
-    freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_D2, jnp.float32)
-    angles_BxLxD = jnp.concatenate([freqs_BxLxD2, freqs_BxLxD2], axis=-1)
-    return jnp.sin(angles_BxLxD), jnp.cos(angles_BxLxD)
+class PlainKernels:
+    """The operations whose fastest form depends on the platform, as TPUs and GPUs take them:
+    plain einsums and autodiff. model/cpu.py has XLA:CPU's versions under the same names."""
+
+    @staticmethod
+    def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        """A weight matmul in the compute dtype (x's); the matrix units accumulate in float32."""
+        return jnp.einsum(spec, x, w.astype(x.dtype))
+
+    @staticmethod
+    def rope_tables(positions_BxL: jax.Array, inv_freq_D2: np.ndarray,
+                    num_positions: int | None) -> tuple[jax.Array, jax.Array]:
+        """sin and cos [B, L, D] of the rotary angles (`inv_freq_D2` from `rope_frequencies`);
+        `num_positions` (how many positions the call may hold) is for cpu.rope_tables' table."""
+        freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_D2, jnp.float32)
+        angles_BxLxD = jnp.concatenate([freqs_BxLxD2, freqs_BxLxD2], axis=-1)
+        return jnp.sin(angles_BxLxD), jnp.cos(angles_BxLxD)
+
+    @staticmethod
+    def attention(name: str) -> AttendFn:
+        return get_backend(name)
+
+    CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+    @staticmethod
+    def write_cache(cache_LyxBxSxKxD: jax.Array, new_BxLxKxD: jax.Array, layer: jax.Array | int,
+                    index: jax.Array | int) -> jax.Array:
+        return jax.lax.dynamic_update_slice(cache_LyxBxSxKxD, new_BxLxKxD[None].astype(cache_LyxBxSxKxD.dtype),
+                                            (layer, 0, index, 0, 0))
+
+    @staticmethod
+    def read_cache(cache_LyxBxSxKxD: jax.Array, layer: jax.Array | int) -> jax.Array:
+        return jax.lax.dynamic_index_in_dim(cache_LyxBxSxKxD, layer, keepdims=False)
+
+
+def kernels_for(cfg: LlamaConfig) -> Any:
+    """model/cpu.py on the CPU, PlainKernels on TPUs and GPUs (by `cfg.platform`)."""
+    return cpu if cfg.resolved_platform == "cpu" else PlainKernels
 
 
 def apply_rope(x_BxLxHxD: jax.Array, sin_BxLxD: jax.Array, cos_BxLxD: jax.Array) -> jax.Array:
@@ -192,20 +214,19 @@ def lm_head(x_BxLxE: jax.Array, lm_head_ExV: jax.Array) -> jax.Array:
     return constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # of init_cache's keys and values
-
-
 def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
     """An empty KV cache: slots hold segment id 0 until written, so they are never attended to.
-    Keys and values are head-major, [layers, B, K, S, D], the layout attention computes in: in the
-    activations' [B, S, K, D] every decode step transposed each layer's whole cache (two thirds of a
-    step at 4k slots)."""
+    Keys and values are [layers, B, S, K, D] (head-major [layers, B, K, S, D] on the CPU,
+    model/cpu.py), sharded by their logical axes when rules are active."""
     dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
+    axes = kernels_for(cfg).CACHE_AXES
+    sizes = {"layers": cfg.num_layers, "batch": batch, "kv_heads": cfg.num_kv_heads, "length": max_length,
+             "head_dim": cfg.head_dim}
+    shape = tuple(sizes[a] for a in axes)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "segment_ids": jnp.zeros((batch, max_length), jnp.int32),
+        "k": constrain(jnp.zeros(shape, dtype), axes),
+        "v": constrain(jnp.zeros(shape, dtype), axes),
+        "segment_ids": constrain(jnp.zeros((batch, max_length), jnp.int32), ("batch", "length")),
     }
 
 
@@ -229,12 +250,13 @@ def forward(
     `return_hidden`, also returns each layer's output [Ly, B, L, E] (before the final norm).
     """
     dtype = cfg.compute_dtype
-    attend = get_backend(cfg.attention)
+    kernels = kernels_for(cfg)
+    dense = kernels.dense
+    attend = kernels.attention(resolve_backend(cfg.attention, cfg.resolved_platform))
     x_BxLxE = jnp.take(params["embed"], tokens_BxL, axis=0).astype(dtype)
     x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
-    # A table when there is no cache (training, scoring); decoding computes its few positions directly.
-    table_size = max(tokens_BxL.shape[1], cfg.max_position_embeddings) if cache is None else None
-    sin_BxLxD, cos_BxLxD = rope_tables(positions_BxL, rope_frequencies(cfg), table_size)
+    num_positions = max(tokens_BxL.shape[1], cfg.max_position_embeddings) if cache is None else None
+    sin_BxLxD, cos_BxLxD = kernels.rope_tables(positions_BxL, rope_frequencies(cfg), num_positions)
 
     if cache is None:
         kv_segment_ids_BxS = segment_ids_BxL
@@ -254,13 +276,9 @@ def forward(
         if kv is None:
             k_all, v_all, new_kv = k_BxLxKxD, v_BxLxKxD, None
         else:
-            at = (i, 0, 0, cache_index, 0)
-            new_kv = tuple(jax.lax.dynamic_update_slice(cache_LyxBxKxSxD, jnp.swapaxes(new_BxLxKxD, 1, 2)[None]
-                                                        .astype(cache_LyxBxKxSxD.dtype), at)
-                           for cache_LyxBxKxSxD, new_BxLxKxD in zip(kv, (k_BxLxKxD, v_BxLxKxD)))
-            # Back to [B, S, K, D] for the backends' signature; the XLA backend's own transpose to
-            # head-major cancels this one.
-            k_all, v_all = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(c, i, keepdims=False), 1, 2) for c in new_kv)
+            new_kv = tuple(kernels.write_cache(c, new_BxLxKxD, i, cache_index)
+                           for c, new_BxLxKxD in zip(kv, (k_BxLxKxD, v_BxLxKxD)))
+            k_all, v_all = (kernels.read_cache(c, i) for c in new_kv)
         attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset,
                               sliding_window=cfg.sliding_window)
         attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
