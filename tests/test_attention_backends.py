@@ -114,8 +114,8 @@ def test_splash_in_sharded_model_forward_matches_xla(monkeypatch):
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
     rules = [("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor")]
     with use_rules(mesh, rules):
-        out = jax.jit(lambda p: forward(p, cfg.replace(attention="splash"), tokens, positions, seg))(params)
-    ref = forward(params, cfg, tokens, positions, seg)
+        out = jax.jit(lambda p: forward(p, cfg.replace(attention="splash"), tokens, positions, seg).logits)(params)
+    ref = forward(params, cfg, tokens, positions, seg).logits
     real = np.asarray(seg) != 0
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-4)
 
@@ -277,7 +277,7 @@ def test_a_new_backend_is_one_module_and_one_registry_line(tmp_path, monkeypatch
     positions = jnp.broadcast_to(jnp.arange(128), (2, 128))
 
     def loss(p, c):
-        logits = forward(p, c, tokens, positions, seg)
+        logits = forward(p, c, tokens, positions, seg).logits
         return jnp.where((seg != 0)[..., None], logits, 0.0).sum(), logits
 
     (_, toy), toy_grads = jax.value_and_grad(loss, has_aux=True)(params, cfg)

@@ -28,7 +28,7 @@ def _training_traces(platform: str) -> tuple[str, str]:
     inputs = _row(16)
 
     def loss(p):
-        return jnp.sum(forward(p, cfg, *inputs).astype(jnp.float32))
+        return jnp.sum(forward(p, cfg, *inputs).logits.astype(jnp.float32))
 
     return str(jax.make_jaxpr(loss)(params)), jax.jit(jax.grad(loss)).lower(params).as_text()
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from openchat_jax.data.loader import BATCH_KEYS
 from openchat_jax.errors import ConfigError
+from openchat_jax.model import partitioning
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import step as step_lib
@@ -276,7 +277,7 @@ def _collect_sharding_warnings() -> Iterator[list[str]]:
     """The mesh module warns each time it replicates a dimension that a mesh axis does not
     divide (once per shardings call, so several times per plan): gather them, once each, into
     the plan's notes instead."""
-    logger = logging.getLogger(mesh_lib.__name__)
+    logger = logging.getLogger(partitioning.__name__)
     handler = _Collect()
     propagate = logger.propagate
     logger.addHandler(handler)
