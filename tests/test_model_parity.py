@@ -71,8 +71,8 @@ def test_logits_and_hidden_states_match_transformers(pair):
     for h in hooks:
         h.remove()
 
-    out = jax.jit(lambda p, *a: forward(p, cfg, *a, layer_outputs=True))(params, *_row_inputs(tokens))
-    logits, hidden = out.logits, out.layer_outputs
+    ours = jax.jit(lambda p, *a: forward(p, cfg, *a, layer_outputs=True))(params, *_row_inputs(tokens))
+    logits, hidden = ours.logits, ours.layer_outputs
     assert logits.shape == (2, 64, cfg.vocab_size) and hidden.shape == (cfg.num_layers, 2, 64, cfg.embed)
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=0)
     assert _relative_error(logits, out.logits.numpy()) <= 1e-4

@@ -225,9 +225,11 @@ def bind(params: Params, cfg: LlamaConfig) -> Llama:
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_BxL: jax.Array, positions_BxL: jax.Array,
-            segment_ids_BxL: jax.Array, **options: Any) -> LlamaOutput:
-    """`Llama.__call__` on a plain dict of weights (`options`: its keyword arguments)."""
-    return bind(params, cfg)(tokens_BxL, positions_BxL, segment_ids_BxL, **options)
+            segment_ids_BxL: jax.Array, *, cache: Cache | None = None, cache_index: jax.Array | int = 0,
+            head: bool = True, layer_outputs: bool = False) -> LlamaOutput:
+    """`Llama.__call__` on a plain dict of weights."""
+    return bind(params, cfg)(tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache, cache_index=cache_index,
+                             head=head, layer_outputs=layer_outputs)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
@@ -334,11 +336,6 @@ def _remat(fn, policy: str, scanned: bool):
         ),
     }
     return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
-
-
-def lm_head_weight(params: Params, cfg: LlamaConfig) -> jax.Array:
-    """`Llama.head_weight` of a plain dict of weights."""
-    return bind(params, cfg).head_weight()
 
 
 def lm_head(x_BxLxE: jax.Array, lm_head_ExV: jax.Array) -> jax.Array:
