@@ -52,7 +52,7 @@ def main() -> None:
             theirs = model.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist()
             hf_s += time.perf_counter() - start
         theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
-        logits = np.asarray(forward(params, cfg, jnp.asarray([p]), jnp.arange(len(p))[None], jnp.ones((1, len(p)), jnp.int32)))
+        logits = np.asarray(forward(params, cfg, jnp.asarray([p]), jnp.arange(len(p))[None], jnp.ones((1, len(p)), jnp.int32)).logits)
         diff = np.abs(logits - ref).max()
         print(f"{question!r}: {len(p)} prompt tokens; logits max |diff| {diff:.2e} (relative {diff / np.abs(ref).max():.2e}); "
               f"greedy {len(g.tokens)} tokens, {'equal to' if g.tokens == theirs else 'DIFFERENT from'} transformers'")

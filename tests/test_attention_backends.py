@@ -114,8 +114,8 @@ def test_splash_in_sharded_model_forward_matches_xla(monkeypatch):
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
     rules = [("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor")]
     with use_rules(mesh, rules):
-        out = jax.jit(lambda p: forward(p, cfg.replace(attention="splash"), tokens, positions, seg))(params)
-    ref = forward(params, cfg, tokens, positions, seg)
+        out = jax.jit(lambda p: forward(p, cfg.replace(attention="splash"), tokens, positions, seg).logits)(params)
+    ref = forward(params, cfg, tokens, positions, seg).logits
     real = np.asarray(seg) != 0
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-4)
 
@@ -159,8 +159,8 @@ def test_prefill_attends_in_query_blocks_with_the_same_result():
     """A prompt written into a longer cache (q_offset 0, L < S; left padding and empty slots carry
     segment 0) is attended in blocks of PREFILL_BLOCK queries, the last one shorter, each against the
     keys up to its own last slot: the [L, S] scores are never built whole, and the output equals one
-    block over all keys."""
-    from openchat_jax.model import attention
+    block over all keys. On the CPU (model/cpu.py's xla backend) the blocks run in order."""
+    from openchat_jax.model import attention, cpu
     from openchat_jax.model.attention import PREFILL_BLOCK, _blocks, xla_attention_autodiff
 
     L, S = 2 * PREFILL_BLOCK + 88, 2 * PREFILL_BLOCK + 188
@@ -172,7 +172,7 @@ def test_prefill_attends_in_query_blocks_with_the_same_result():
     kv_seg = np.zeros((2, S), np.int32)
     kv_seg[:, :L] = q_seg  # the cache past the prompt is still empty
     q_seg, kv_seg = jnp.asarray(q_seg), jnp.asarray(kv_seg)
-    blocked = jax.jit(lambda q, k, v: xla_attention(q, k, v, q_seg, kv_seg, 0))
+    blocked = jax.jit(lambda q, k, v: cpu.attention("xla")(q, k, v, q_seg, kv_seg, 0))
     hlo = blocked.lower(q, k, v).as_text()
     assert f"{L}x{S}" not in hlo and "256x256xf32" in hlo
     # One block's scores alive at a time (the blocks run in order): the temporaries are under half
@@ -277,7 +277,7 @@ def test_a_new_backend_is_one_module_and_one_registry_line(tmp_path, monkeypatch
     positions = jnp.broadcast_to(jnp.arange(128), (2, 128))
 
     def loss(p, c):
-        logits = forward(p, c, tokens, positions, seg)
+        logits = forward(p, c, tokens, positions, seg).logits
         return jnp.where((seg != 0)[..., None], logits, 0.0).sum(), logits
 
     (_, toy), toy_grads = jax.value_and_grad(loss, has_aux=True)(params, cfg)

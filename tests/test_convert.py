@@ -126,8 +126,8 @@ def test_tied_embeddings_with_add_eot(tmp_path):
     import jax.numpy as jnp
 
     tokens = jnp.asarray([[5, 9, 13]])
-    x = forward(params, cfg.replace(dtype="float32"), tokens, jnp.arange(3)[None], jnp.ones_like(tokens), apply_lm_head=False)
-    logits = forward(params, cfg.replace(dtype="float32"), tokens, jnp.arange(3)[None], jnp.ones_like(tokens))
+    x = forward(params, cfg.replace(dtype="float32"), tokens, jnp.arange(3)[None], jnp.ones_like(tokens), head=False).hidden
+    logits = forward(params, cfg.replace(dtype="float32"), tokens, jnp.arange(3)[None], jnp.ones_like(tokens)).logits
     np.testing.assert_allclose(np.asarray(logits[..., V]), np.asarray(x) @ params["embed"][V], rtol=1e-5, atol=1e-6)
 
     _convert("jax-to-hf", "--ckpt", str(tmp_path / "jax"), "--out", str(tmp_path / "back"))
@@ -162,7 +162,7 @@ def test_jax_to_hf_casts_and_matches_our_forward(tmp_path):
     assert isinstance(params["embed"], np.ndarray) and params["blocks"]["wq"].dtype == np.float32
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 20))
     ours = forward(params, cfg.replace(dtype="float32"), jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(20), (2, 20)),
-                   jnp.ones((2, 20), jnp.int32))
+                   jnp.ones((2, 20), jnp.int32)).logits
     np.testing.assert_allclose(np.asarray(ours), _logits(src, torch.as_tensor(tokens)).numpy(), atol=1e-4, rtol=0)
 
     files = hf.export_hf(str(tmp_path / "jax"), str(tmp_path / "bf16"), dtype="bfloat16")

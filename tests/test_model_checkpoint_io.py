@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from openchat_jax.errors import CheckpointError
 from openchat_jax.model import checkpoint_io
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import param_logical_axes, param_shapes
-from openchat_jax.model.partitioning import logical_to_spec
+from openchat_jax.model.llama import abstract_model, param_shapes
+from openchat_jax.model.partitioning import shardings_from_metadata
 
 CFG = LlamaConfig(vocab_size=70, embed=32, mlp=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                   dtype="float32", param_dtype="float32")
@@ -24,11 +24,7 @@ RULES = [("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads
 
 
 def _shardings(mesh, rules):
-    return jax.tree.map(
-        lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules, mesh)),
-        param_logical_axes(CFG),
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
+    return shardings_from_metadata(abstract_model(CFG)[1], mesh, rules)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""model/dense.py: the weight matmul's value and hand-written gradient against jnp.einsum + autodiff,
-and, in bfloat16, that every dot of forward and backward multiplies bf16 by bf16 into float32."""
+"""The weight matmul of both kernel sets (model/cpu.py's hand-written gradient, llama.PlainKernels'
+einsum) against jnp.einsum + autodiff, and, in bfloat16, that every dot of the CPU's forward and
+backward multiplies bf16 by bf16 into float32."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openchat_jax.model.dense import dense
+from openchat_jax.model.cpu import dense
+from openchat_jax.model.llama import PlainKernels
 
 # (spec, x shape, w shape): the model's seven weight matmuls in miniature, both transposition
 # branches (x smaller than dy, and dy smaller than x).
@@ -25,9 +27,9 @@ CASES = [
 
 @pytest.mark.parametrize("backend", ["cpu", "accelerator"])
 @pytest.mark.parametrize("spec,x_shape,w_shape", CASES)
-def test_value_and_gradients_match_autodiff(spec, x_shape, w_shape, backend, monkeypatch):
-    if backend == "accelerator":  # the plain weight-gradient einsum TPUs and GPUs take
-        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+def test_value_and_gradients_match_autodiff(spec, x_shape, w_shape, backend):
+    # The accelerator's is the plain einsum TPUs and GPUs take.
+    dense_fn = dense if backend == "cpu" else PlainKernels.dense
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, x_shape, jnp.float32)
     w = jax.random.normal(kw, w_shape, jnp.float32)
@@ -37,9 +39,9 @@ def test_value_and_gradients_match_autodiff(spec, x_shape, w_shape, backend, mon
     def objective(f):
         return lambda a, b: jnp.sum(f(a, b) * cot)
 
-    ours = objective(lambda a, b: dense(spec, a, b))
+    ours = objective(lambda a, b: dense_fn(spec, a, b))
     ref = objective(lambda a, b: jnp.einsum(spec, a, b, precision="highest"))
-    np.testing.assert_allclose(jax.jit(lambda a, b: dense(spec, a, b))(x, w), jnp.einsum(spec, x, w, precision="highest"),
+    np.testing.assert_allclose(jax.jit(lambda a, b: dense_fn(spec, a, b))(x, w), jnp.einsum(spec, x, w, precision="highest"),
                                rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(jax.jit(jax.grad(ours, argnums=(0, 1)))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)):
         assert g.shape == g_ref.shape and g.dtype == g_ref.dtype
@@ -72,18 +74,14 @@ def test_bad_spec_is_a_clear_error():
         dense("az,bc->ac", x, w)
 
 
-def test_accelerator_layout_traces_the_plain_weight_gradient_on_a_cpu_host():
-    """The planner compiles a TPU/GPU step on fake CPU devices: under accelerator_layout() the
-    backward has no CPU-only transposes behind barriers (jax's default backend here is the CPU)."""
-    from openchat_jax.model.dense import accelerator_layout
-
+def test_the_accelerators_weight_gradient_is_plain_on_a_cpu_host():
+    """The planner compiles a TPU/GPU step on fake CPU devices: the accelerator's backward has no
+    CPU-only transposes behind barriers, the CPU's has."""
     x, w = jnp.ones((2, 5, 6)), jnp.ones((6, 16))
 
-    def backward_hlo() -> str:  # a new function each time: jit would reuse an earlier trace
-        return jax.jit(jax.grad(lambda a, b: jnp.sum(dense("ble,em->blm", a, b)), argnums=(0, 1))).lower(x, w).as_text()
+    def backward_hlo(dense_fn) -> str:
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(dense_fn("ble,em->blm", a, b)), argnums=(0, 1))).lower(x, w).as_text()
 
     assert jax.default_backend() == "cpu"
-    assert "optimization_barrier" in backward_hlo()
-    with accelerator_layout():
-        assert "optimization_barrier" not in backward_hlo()
-    assert "optimization_barrier" in backward_hlo()  # the context ended
+    assert "optimization_barrier" in backward_hlo(dense)
+    assert "optimization_barrier" not in backward_hlo(PlainKernels.dense)

@@ -71,7 +71,8 @@ def test_logits_and_hidden_states_match_transformers(pair):
     for h in hooks:
         h.remove()
 
-    logits, hidden = jax.jit(lambda p, *a: forward(p, cfg, *a, return_hidden=True))(params, *_row_inputs(tokens))
+    ours = jax.jit(lambda p, *a: forward(p, cfg, *a, layer_outputs=True))(params, *_row_inputs(tokens))
+    logits, hidden = ours.logits, ours.layer_outputs
     assert logits.shape == (2, 64, cfg.vocab_size) and hidden.shape == (cfg.num_layers, 2, 64, cfg.embed)
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=0)
     assert _relative_error(logits, out.logits.numpy()) <= 1e-4
@@ -122,7 +123,7 @@ def test_family_features_change_the_logits(family):
     _, params, cfg = family
     inputs = _row_inputs(np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 64)))
     plain = cfg.replace(rope_type="default", sliding_window=0)
-    assert _relative_error(forward(params, plain, *inputs), forward(params, cfg, *inputs)) > 1e-2
+    assert _relative_error(forward(params, plain, *inputs).logits, forward(params, cfg, *inputs).logits) > 1e-2
 
 
 def test_packed_row_equals_each_sequence_alone(pair):
@@ -133,7 +134,7 @@ def test_packed_row_equals_each_sequence_alone(pair):
     tokens = np.concatenate([a, b, pad])[None]
     positions = np.concatenate([np.arange(23), np.arange(30), np.arange(len(pad))])[None]
     segments = np.concatenate([np.full(23, 1), np.full(30, 2), np.zeros(len(pad), int)])[None]
-    fwd = jax.jit(lambda p, *x: forward(p, cfg, *x))
+    fwd = jax.jit(lambda p, *x: forward(p, cfg, *x).logits)
     packed = np.asarray(fwd(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)))
     alone_a = np.asarray(fwd(params, *_row_inputs(a[None])))
     alone_b = np.asarray(fwd(params, *_row_inputs(b[None])))
@@ -147,8 +148,8 @@ def test_packed_row_equals_each_sequence_alone(pair):
 def test_scanned_and_unrolled_layers_agree(gqa):
     _, params, cfg = gqa
     inputs = _row_inputs(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 32)))
-    scanned, h_scanned = forward(params, cfg.replace(scan_layers=True), *inputs, return_hidden=True)
-    unrolled, h_unrolled = forward(params, cfg.replace(scan_layers=False), *inputs, return_hidden=True)
+    scanned, _, _, h_scanned = forward(params, cfg.replace(scan_layers=True), *inputs, layer_outputs=True)
+    unrolled, _, _, h_unrolled = forward(params, cfg.replace(scan_layers=False), *inputs, layer_outputs=True)
     # Not bit-identical: XLA fuses the scan body and the unrolled layers differently.
     np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(h_scanned), np.asarray(h_unrolled), atol=1e-5, rtol=0)
@@ -161,7 +162,7 @@ def test_remat_policies_give_the_same_gradients(gqa):
     targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)))
 
     def loss(p, c):
-        logits = forward(p, c, *inputs)
+        logits = forward(p, c, *inputs).logits
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
@@ -182,9 +183,9 @@ def test_kv_cache_decode_matches_full_forward(name, tmp_path_factory):
     _, params, cfg = _pair(name, tmp_path_factory)
     B, prompt, total, cache_len = 2, 10, 17, 24
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (B, total))
-    full = np.asarray(forward(params, cfg, *_row_inputs(tokens)))
+    full = np.asarray(forward(params, cfg, *_row_inputs(tokens)).logits)
 
-    step = jax.jit(lambda p, c, t, pos, idx: forward(p, cfg, t, pos, jnp.ones_like(t), cache=c, cache_index=idx))
+    step = jax.jit(lambda p, c, t, pos, idx: forward(p, cfg, t, pos, jnp.ones_like(t), cache=c, cache_index=idx)[::2])
     cache = init_cache(cfg, B, cache_len, jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(prompt), (B, prompt))
     logits, cache = step(params, cache, jnp.asarray(tokens[:, :prompt]), pos, 0)
@@ -196,10 +197,10 @@ def test_kv_cache_decode_matches_full_forward(name, tmp_path_factory):
 
 
 def test_rope_table_lookup_equals_the_direct_formula():
-    """`rope_tables(..., table_size)` looks the angles' sin and cos up in a table; it must equal
+    """The CPU's `rope_tables(..., num_positions)` looks the angles' sin and cos up in a table; it must equal
     NumPy's sin/cos of the same float32 angles (HF's formula), and a position outside the table
     (negative ones included) gives NaN rather than a silently wrong rotation."""
-    from openchat_jax.model.llama import rope_tables
+    from openchat_jax.model.cpu import rope_tables
 
     D, theta, size = 16, 10000.0, 64
     positions = np.array([[0, 1, 2, 63], [5, -1, 40, 64]], np.int32)
@@ -211,7 +212,7 @@ def test_rope_table_lookup_equals_the_direct_formula():
     np.testing.assert_allclose(np.asarray(sin)[inside], np.sin(angles)[inside], atol=2e-6)
     np.testing.assert_allclose(np.asarray(cos)[inside], np.cos(angles)[inside], atol=2e-6)
     assert np.isnan(np.asarray(sin)[~inside]).all() and np.isnan(np.asarray(cos)[~inside]).all()
-    direct = rope_tables(jnp.asarray(positions), inv_freq)
+    direct = rope_tables(jnp.asarray(positions), inv_freq, None)
     np.testing.assert_allclose(np.asarray(sin)[inside], np.asarray(direct[0])[inside], atol=2e-6)
 
 
@@ -226,7 +227,7 @@ def test_decode_step_reads_the_cache_without_transposing_it(gqa):
     cache = init_cache(cfg, B, S, jnp.float32)
     assert cache["k"].shape == (cfg.num_layers, B, cfg.num_kv_heads, S, cfg.head_dim)
     step = jax.jit(lambda p, c, t: forward(p, cfg, t, jnp.full((B, 1), 40), jnp.ones_like(t), cache=c,
-                                           cache_index=40))
+                                           cache_index=40)[::2])
     hlo = step.lower(params, cache, jnp.zeros((B, 1), jnp.int32)).compile().as_text()
     layer_size = B * cfg.num_kv_heads * S * cfg.head_dim
     transposed = [m for m in re.finditer(r"= f32\[([0-9,]+)\]\{[0-9,]+\} (transpose|fusion)\(([^\n]*)", hlo)

@@ -97,7 +97,7 @@ def test_logits_match_transformers(converted, reference):
     for p in prompts:
         with torch.no_grad():
             ref = model(torch.tensor([p])).logits.numpy()
-        ours = np.asarray(forward(params, cfg, jnp.asarray([p]), jnp.arange(len(p))[None], jnp.ones((1, len(p)), jnp.int32)))
+        ours = np.asarray(forward(params, cfg, jnp.asarray([p]), jnp.arange(len(p))[None], jnp.ones((1, len(p)), jnp.int32)).logits)
         assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 

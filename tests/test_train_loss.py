@@ -11,6 +11,7 @@ import pytest
 from openchat_jax.config import resolve
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.llama import lm_head
+from openchat_jax.model.partitioning import LOGICAL_AXIS_RULES
 from openchat_jax.train import loss as loss_lib
 from openchat_jax.train import step as step_lib
 from openchat_jax.train.config import base_config
@@ -142,7 +143,7 @@ def test_skip_per_batch_shard_matches_plain_loss(per_row):
     rows = NamedSharding(mesh, P("data"))
 
     def fused(a, b, t, w, c):
-        with use_rules(mesh, mesh_lib.LOGICAL_AXIS_RULES):
+        with use_rules(mesh, LOGICAL_AXIS_RULES):
             sums = loss_lib.head_loss_sums(a, b, t, w, c, C, 4, True)
         return sums["wce"], sums
 

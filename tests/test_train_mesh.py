@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import TINY
+from openchat_jax.model.llama import param_shardings
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train.optimizer import make_optimizer
 from openchat_jax.train.step import init_train_state, make_train_step
@@ -74,7 +75,7 @@ def test_state_is_created_in_its_shardings():
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     tx, _, _ = make_optimizer(TRAIN, total_steps=5, tokens_per_step=1)
     state = init_train_state(CFG, tx, mesh, seed=0)
-    expected = mesh_lib.param_shardings(CFG, mesh)
+    expected = param_shardings(CFG, mesh)
     for arr, sharding in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(expected)):
         assert arr.sharding == sharding
     embed = state["params"]["embed"]
@@ -86,7 +87,7 @@ def test_state_is_created_in_its_shardings():
 def test_uneven_dimension_is_replicated_not_an_error():
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     odd = CFG.replace(vocab_size=129)  # e.g. Llama-2 + <|end_of_turn|> = 32001 rows
-    sh = mesh_lib.param_shardings(odd, mesh)
+    sh = param_shardings(odd, mesh)
     assert sh["embed"].spec == P(None, "fsdp") and sh["lm_head"].spec == P("fsdp", None)
     assert sh["blocks"]["w_gate"].spec == P(None, "fsdp", "tensor")
 

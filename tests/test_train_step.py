@@ -112,7 +112,7 @@ def setup(batch):
 def ce_numpy(setup, batch):
     """Per-token CE and argmax from our forward's logits, log-softmax in float64 NumPy."""
     params = jax.device_get(setup["state"]["params"])
-    logits = jax.jit(lambda p, b: forward(p, CFG, b["tokens"], b["positions"], b["segment_ids"]))(params, batch)
+    logits = jax.jit(lambda p, b: forward(p, CFG, b["tokens"], b["positions"], b["segment_ids"]).logits)(params, batch)
     logits = np.asarray(logits, np.float64)
     m = logits.max(-1, keepdims=True)
     logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))

@@ -37,7 +37,8 @@ def mesh_from_flag(text: str | None):
     """`--mesh` as (mesh, rules), or (None, None) for one device; chat, generate and eval share it."""
     if not text:
         return None, None
-    from openchat_jax.train.mesh import LOGICAL_AXIS_RULES, make_mesh
+    from openchat_jax.model.partitioning import LOGICAL_AXIS_RULES
+    from openchat_jax.train.mesh import make_mesh
     from openchat_jax.train.mesh_spec import parse_mesh
 
     return make_mesh(parse_mesh(text)), LOGICAL_AXIS_RULES

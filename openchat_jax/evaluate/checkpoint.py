@@ -117,6 +117,8 @@ def evaluate_checkpoint(ckpt: str, data: str, out_dir: str | Path, *, conditions
     from openchat_jax.data.eval_split import load_eval_split
     from openchat_jax.data.prepare import load_dataset_info
     from openchat_jax.model import checkpoint_io
+    from openchat_jax.model.llama import param_shardings
+    from openchat_jax.model.partitioning import LOGICAL_AXIS_RULES
     from openchat_jax.train import mesh as mesh_lib
     from openchat_jax.train.evaluation import HeldOutEval
 
@@ -129,8 +131,8 @@ def evaluate_checkpoint(ckpt: str, data: str, out_dir: str | Path, *, conditions
         read_references(prompts)
         load_scorer(scorer)
     if mesh is None:
-        mesh, rules = mesh_lib.make_mesh({"fsdp": -1}, jax.local_devices()[:1]), mesh_lib.LOGICAL_AXIS_RULES
-    rules = mesh_lib.LOGICAL_AXIS_RULES if rules is None else rules
+        mesh, rules = mesh_lib.make_mesh({"fsdp": -1}, jax.local_devices()[:1]), LOGICAL_AXIS_RULES
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
     if batch_size < 1 or batch_size % mesh_lib.batch_axis_size(mesh):
         raise ConfigError(f"--batch-size {batch_size} must be a positive multiple of the mesh's batch devices "
                           f"({mesh_lib.batch_axis_size(mesh)})")
@@ -142,7 +144,7 @@ def evaluate_checkpoint(ckpt: str, data: str, out_dir: str | Path, *, conditions
         params, cfg = model.params, model.cfg
     else:
         cfg = checkpoint_io.read_model_config(ckpt)
-        params, cfg = checkpoint_io.load_params(ckpt, mesh_lib.param_shardings(cfg, mesh, rules))
+        params, cfg = checkpoint_io.load_params(ckpt, param_shardings(cfg, mesh, rules))
     if dtype:
         cfg = cfg.replace(dtype=dtype)
     check_vocabulary(cfg, info, ckpt, data)

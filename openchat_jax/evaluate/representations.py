@@ -2,7 +2,7 @@
 representations tell the classes apart.
 
 Each conversation's embedding is the mean, over its tokens (no padding), of the model's last-layer
-hidden states after the final norm (`forward(..., apply_lm_head=False)`, what transformers returns
+hidden states after the final norm (`forward(..., head=False).hidden`, what transformers returns
 as `hidden_states[-1]` for Llama). Numbers: the held-out accuracy of a linear probe predicting the
 class from the embedding (multinomial logistic regression, fitted by gradient descent on
 standardised features of a stratified training part, scored on the rest) and the silhouette score
@@ -81,7 +81,7 @@ def _mean_pooled(params: Any, tokens_BxL: jax.Array, lengths_B: jax.Array, cfg: 
     L = tokens_BxL.shape[1]
     mask_BxL = jnp.arange(L)[None, :] < lengths_B[:, None]
     positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), tokens_BxL.shape)
-    x_BxLxE = forward(params, cfg, tokens_BxL, positions_BxL, mask_BxL.astype(jnp.int32), apply_lm_head=False)
+    x_BxLxE = forward(params, cfg, tokens_BxL, positions_BxL, mask_BxL.astype(jnp.int32), head=False).hidden
     summed_BxE = jnp.einsum("ble,bl->be", x_BxLxE.astype(jnp.float32), mask_BxL.astype(jnp.float32))
     return summed_BxE / jnp.maximum(lengths_B, 1)[:, None].astype(jnp.float32)
 

@@ -15,7 +15,7 @@ from openchat_jax.errors import CheckpointError, DataError
 from openchat_jax.infer.generate import generate_tokens
 from openchat_jax.infer.sampling import SamplingConfig
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import Params
+from openchat_jax.model.llama import Params, param_shardings
 from openchat_jax.model.partitioning import Rules
 
 
@@ -86,8 +86,6 @@ def load_chat_model(
             f"{tokenizer_path} says {eot_id}"
         )
     if mesh is not None and rules is not None:
-        from openchat_jax.train.mesh import param_shardings
-
         cfg = checkpoint_io.read_model_config(ckpt_dir)
         params, cfg = checkpoint_io.load_params(ckpt_dir, param_shardings(cfg, mesh, rules))
     else:

@@ -5,7 +5,7 @@ shapes cover every batch and recompiles stay rare). Pads carry segment id 0, rea
 id 1, and positions count from 0 at each prompt's first real token, so attention never sees a pad
 (`forward` only lets a query see slots with its own segment id). The cache has P + N slots.
 
-  prefill:  forward(tokens[:, :P-1]) writes slots [0, P-1); its logits are unused and jit drops
+  prefill:  the model on tokens[:, :P-1] writes slots [0, P-1); its logits are unused and jit drops
             them, so a long prompt never materialises [B, P, V] logits.
   step i:   feed one token per row at slot P-1+i (i = 0 feeds the last prompt token), position
             len_b - 1 + i; sample the next token from the logits.
@@ -32,8 +32,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from openchat_jax.errors import DataError
 from openchat_jax.infer.sampling import SamplingConfig, sample
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import CACHE_AXES, Params, forward, init_cache
-from openchat_jax.model.partitioning import Rules, constrain, logical_to_spec, use_rules
+from openchat_jax.model.llama import Params, forward, init_cache, param_shardings
+from openchat_jax.model.partitioning import Rules, logical_to_spec, use_rules
 
 MAX_STOP_IDS = 8
 
@@ -93,14 +93,9 @@ def _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, 
     positions_BxP = jnp.maximum(slots_P[None, :] - pad_P_B[:, None], 0)
 
     cache = init_cache(cfg, B, P + N)
-    cache = {
-        "k": constrain(cache["k"], CACHE_AXES),
-        "v": constrain(cache["v"], CACHE_AXES),
-        "segment_ids": constrain(cache["segment_ids"], ("batch", "length")),
-    }
     if P > 1:
-        _, cache = forward(params, cfg, tokens_BxP[:, :-1], positions_BxP[:, :-1], segment_ids_BxP[:, :-1],
-                           cache=cache, cache_index=0)
+        cache = forward(params, cfg, tokens_BxP[:, :-1], positions_BxP[:, :-1], segment_ids_BxP[:, :-1],
+                        cache=cache, cache_index=0, head=False).cache
 
     out_BxN = jnp.full((B, N), -1, jnp.int32)
     logits_BxNxV = jnp.zeros((B, N, cfg.vocab_size), jnp.float32) if return_logits else None
@@ -112,7 +107,7 @@ def _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, 
 
     def body(state):
         i, cache, token_B, done_B, out_BxN, logits_BxNxV = state
-        logits_Bx1xV, cache = forward(
+        logits_Bx1xV, _, cache, _ = forward(
             params, cfg, token_B[:, None], (lengths_B - 1 + i)[:, None], ones_Bx1, cache=cache, cache_index=P - 1 + i
         )
         logits_BxV = logits_Bx1xV[:, 0]
@@ -131,8 +126,6 @@ def _decode_body(params, tokens_BxP, lengths_B, limits_B, stop_ids_S, key, cfg, 
 def shard_params(params: Params, cfg: LlamaConfig, mesh: Mesh, rules: Rules) -> Params:
     """Place params as the train side does, unless they already live on `mesh` (e.g. restored
     straight into the train shardings by `load_chat_model`)."""
-    from openchat_jax.train.mesh import param_shardings
-
     on_mesh = all(
         isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
         for x in jax.tree.leaves(params)

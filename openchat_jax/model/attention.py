@@ -27,6 +27,7 @@ AttendFn = Callable[..., jax.Array]
 # query block builds its own [B, 1, 1, T, S'] slice: a whole [B, L, S] mask is 264 MB for 16
 # prompts of 4k tokens, and the backward would keep it as a residual.
 Mask = tuple[jax.Array, jax.Array, jax.Array]
+BlockHook = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _block_mask(mask: Mask, start: int, end: int, key_end: int, window: int) -> jax.Array:
@@ -49,7 +50,8 @@ CAUSAL_BLOCKS = 4
 PREFILL_BLOCK = 256
 
 
-def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, q_offset, window: int) -> jax.Array:
+def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, q_offset, window: int,
+                   between_blocks: BlockHook | None = None) -> jax.Array:
     """Attention in query blocks, each against the keys up to its last position (the later keys are
     masked anyway, so the scores, softmax and their gradients skip them: 10 of 16 score blocks with
     4 blocks).
@@ -69,7 +71,7 @@ def _causal_blocks(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, q_offset, wind
     else:
         T = L
     key_offset = q_offset if static_offset else S  # with a traced offset, every block sees all keys
-    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset, window)
+    return _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset, window, between_blocks)
 
 
 # Softmax attention in query blocks of T positions (the last one may be shorter), query i at key
@@ -84,7 +86,8 @@ def _blocks(L: int, S: int, T: int, key_offset: int) -> list[tuple[int, int, int
     return [(start, min(start + T, L), min(S, key_offset + min(start + T, L))) for start in range(0, L, T)]
 
 
-def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offset: int, window: int):
+def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offset: int, window: int,
+                between_blocks: BlockHook | None = None):
     L, S, D = q_BxLxKxGxD.shape[1], k_BxSxKxD.shape[1], q_BxLxKxGxD.shape[-1]
     q_BxKxGxLxD = jnp.transpose(q_BxLxKxGxD, (0, 2, 3, 1, 4))
     k_BxKxSxD = jnp.transpose(k_BxSxKxD, (0, 2, 1, 3))
@@ -92,12 +95,8 @@ def _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offse
     outs, lses = [], []
     for start, end, key_end in _blocks(L, S, T, key_offset):
         q_blk = q_BxKxGxLxD[:, :, :, start:end]
-        if L < S and outs:
-            # A prefill: one block's scores alive at a time. XLA:CPU would run the independent
-            # blocks side by side, holding every block's scores (2.8 GB instead of 0.8 GB for 16
-            # prompts of 4k tokens), and it drops an optimization_barrier; a zero-valued term read
-            # from the previous block's output (same row and head) orders them.
-            q_blk = q_blk + (outs[-1][..., :1, :1] * 0).astype(q_blk.dtype)
+        if between_blocks is not None and L < S and outs:  # a prefill (no gradient)
+            q_blk = between_blocks(q_blk, outs[-1])
         probs, lse = _block_probs(q_blk, k_BxKxSxD[:, :, :key_end], _block_mask(mask, start, end, key_end, window), D)
         outs.append(jnp.einsum("bkgls,bksd->bkgld", probs.astype(v_BxSxKxD.dtype), v_BxKxSxD[:, :, :key_end],
                                preferred_element_type=jnp.float32).astype(v_BxSxKxD.dtype))
@@ -119,7 +118,7 @@ def _block_probs(q_BxKxGxTxD, k_BxKxSxD, mask_Bx1x1xTxS, D: int, lse_BxKxGxT=Non
     return jnp.exp(scores - lse_BxKxGxT[..., None]), lse_BxKxGxT
 
 
-def _attend_bwd(T: int, key_offset: int, window: int, residuals, dout_BxLxKxGxD):
+def _attend_bwd(T: int, key_offset: int, window: int, between_blocks: BlockHook | None, residuals, dout_BxLxKxGxD):
     """The standard softmax-attention backward, block by block: dS = P * (dP - rowsum(dO * O))."""
     q, k, v, mask, out, lse = residuals  # head-major
     L, S, D = q.shape[3], k.shape[2], q.shape[-1]
@@ -143,9 +142,10 @@ def _attend_bwd(T: int, key_offset: int, window: int, residuals, dout_BxLxKxGxD)
     return dq, to_model(dk), to_model(dv), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offset: int, window: int) -> jax.Array:
-    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset, window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attend(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask: Mask, T: int, key_offset: int, window: int,
+            between_blocks: BlockHook | None) -> jax.Array:
+    return _attend_fwd(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask, T, key_offset, window, between_blocks)[0]
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -161,10 +161,18 @@ def _grouped(core: Callable[..., jax.Array], q_BxLxHxD: jax.Array, k_BxSxKxD: ja
                 sliding_window).reshape(B, L, H, D)
 
 
-# Reference backend: plain einsums, softmax in float32, and a hand-written backward that keeps only
-# the row log-sum-exp for the gradient (it recomputes the probabilities); causal training calls
-# skip the key blocks after each query block.
-xla_attention: AttendFn = functools.partial(_grouped, _causal_blocks)
+def xla_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, q_segment_ids_BxL: jax.Array,
+                  kv_segment_ids_BxS: jax.Array, q_offset: jax.Array | int = 0, sliding_window: int = 0, *,
+                  between_blocks: BlockHook | None = None) -> jax.Array:
+    """The reference backend: plain einsums, softmax in float32, and a hand-written backward that
+    keeps only the row log-sum-exp for the gradient (it recomputes the probabilities); causal
+    training calls skip the key blocks after each query block. `between_blocks(q_block,
+    previous_block_out)` may rewrite a prefill's query block before it is computed (model/cpu.py
+    orders the blocks that way)."""
+    core = functools.partial(_causal_blocks, between_blocks=between_blocks)
+    return _grouped(core, q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, q_segment_ids_BxL, kv_segment_ids_BxS, q_offset,
+                    sliding_window)
+
 # The same forward, in one block over all keys, differentiated by JAX (the reference for the
 # hand-written backward).
 xla_attention_autodiff: AttendFn = functools.partial(

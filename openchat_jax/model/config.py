@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -13,6 +14,7 @@ from openchat_jax.model.attention import backend_names
 
 REMAT_POLICIES = ("none", "full", "dots", "minimal")
 ROPE_TYPES = ("default", "linear", "llama3")  # transformers' rope_type names
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,9 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "full"  # one of REMAT_POLICIES
     attention: str = "auto"  # one of attention.backend_names(): auto = splash on TPU, cudnn on GPU, else xla
+    # The platform the model computes on, one of PLATFORMS: "cpu" runs model/cpu.py's kernels, "tpu"
+    # and "gpu" the plain forward; "auto" = jax's default backend. It also resolves attention="auto".
+    platform: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -66,6 +71,8 @@ class LlamaConfig:
             )
         if self.sliding_window < 0:
             raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: no window)")
+        if self.platform not in PLATFORMS:
+            raise ConfigError(f"model.platform={self.platform!r}: choose one of {PLATFORMS}")
         if self.attention not in backend_names():
             raise ConfigError(f"model.attention={self.attention!r}: choose one of {backend_names()}")
         for name in ("dtype", "param_dtype"):
@@ -77,6 +84,10 @@ class LlamaConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+    @property
+    def resolved_platform(self) -> str:
+        return jax.default_backend() if self.platform == "auto" else self.platform
 
     @property
     def weight_dtype(self) -> jnp.dtype:

@@ -1,14 +1,19 @@
-"""Llama-2 in Flax NNX, readable top to bottom.
+"""Llama-2 in Flax NNX, read top to bottom: `Llama.__call__` is the forward.
 
-The NNX module owns the parameters (each an nnx.Param with `logical_axes` metadata); the math is
-one pure function, `forward(params, cfg, ...)`, over a plain dict of arrays, so the train step can
-jit/shard/differentiate a pytree and layers can run as one `lax.scan` over stacked weights
-(compile time independent of depth). Numerics follow transformers' LlamaForCausalLM: RMSNorm in
-float32, rotary embeddings in the rotate-half convention (with its linear / llama3 frequency
-scaling), grouped-query attention (with Mistral's sliding window), SwiGLU MLP, an LM head of its
-own or tied to the embedding.
+`Llama` embeds the tokens, runs `Blocks` (every decoder layer's weights stacked on a leading
+`layers` axis, run as one `lax.scan` over them: compile time independent of depth), applies the
+final norm and the LM head. Each weight is an nnx.Param whose `logical_axes` metadata names its
+axes; `param_shardings` reads the shardings off that metadata through the rules table
+(model/partitioning.py). Numerics follow transformers' LlamaForCausalLM: RMSNorm in float32, rotary
+embeddings in the rotate-half convention (with its linear / llama3 frequency scaling), grouped-query
+attention (with Mistral's sliding window), SwiGLU MLP, an LM head of its own or tied to the
+embedding. The few operations whose best form depends on the platform come from `kernels_for`:
+plain einsums on TPUs and GPUs, model/cpu.py on the CPU.
 
-Weight layout (Ly layers, E embed, H heads, K kv_heads, D head_dim, M mlp, V vocab):
+The train step and generation keep the weights as a plain dict at the jit boundary
+(`init_params`, checkpoints, optimizer state) and call the module through `forward`, which merges
+the dict into a `Llama` and calls it. Weight layout (Ly layers, E embed, H heads, K kv_heads,
+D head_dim, M mlp, V vocab):
   embed [V, E]; blocks.{attn_norm, mlp_norm} [Ly, E]; blocks.wq [Ly, E, H, D];
   blocks.{wk, wv} [Ly, E, K, D]; blocks.wo [Ly, H, D, E]; blocks.{w_gate, w_up} [Ly, E, M];
   blocks.w_down [Ly, M, E]; final_norm [E]; lm_head [E, V] (absent with tie_embeddings).
@@ -17,25 +22,26 @@ Weight layout (Ly layers, E embed, H heads, K kv_heads, D head_dim, M mlp, V voc
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
 
-from openchat_jax.model.attention import get_backend
+from openchat_jax.model import cpu
+from openchat_jax.model.attention import AttendFn, get_backend, resolve_backend
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.dense import dense
-from openchat_jax.model.partitioning import constrain
+from openchat_jax.model.partitioning import LOGICAL_AXIS_RULES, Rules, constrain, shardings_from_metadata
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
 
 
 def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
-    """name -> (shape, logical axes, initialiser name); the single source of the weight layout."""
+    """name -> (shape, logical axes, initialiser name): the weight layout `Llama` is built from."""
     Ly, E, H, K, D, M, V = (
         cfg.num_layers, cfg.embed, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp, cfg.vocab_size,
     )
@@ -60,56 +66,185 @@ def param_specs(cfg: LlamaConfig) -> dict[str, Any]:
     return specs
 
 
-def _is_spec(x: Any) -> bool:
-    return isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], tuple)
+def _param(spec: tuple, cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.Param:
+    shape, axes, init = spec
+    if init == "ones":
+        value = jnp.ones(shape, cfg.weight_dtype)
+    else:
+        value = cfg.init_std * jax.random.normal(rngs.params(), shape, cfg.weight_dtype)
+    return nnx.Param(value, logical_axes=axes)
 
 
-def param_logical_axes(cfg: LlamaConfig) -> dict[str, Any]:
-    """The params pytree's structure with a tuple of logical axis names at each leaf."""
-    return jax.tree.map(lambda s: s[1], param_specs(cfg), is_leaf=_is_spec)
+class LlamaOutput(NamedTuple):
+    logits: jax.Array | None  # [B, L, V] float32; None with head=False
+    hidden: jax.Array  # the final-normed hidden states [B, L, E], compute dtype
+    cache: Cache | None  # the cache with this call's keys and values written, when one was passed
+    layer_outputs: jax.Array | None  # each layer's output [Ly, B, L, E] (before the final norm), on request
 
 
-def param_shapes(cfg: LlamaConfig) -> dict[str, Any]:
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s[0], cfg.weight_dtype), param_specs(cfg), is_leaf=_is_spec
-    )
+class _Attention(NamedTuple):
+    """What every layer's attention shares in one call."""
+    attend: AttendFn
+    sin_BxLxD: jax.Array
+    cos_BxLxD: jax.Array
+    q_segment_ids_BxL: jax.Array
+    kv_segment_ids_BxS: jax.Array
+    q_offset: jax.Array | int
+    sliding_window: int
 
 
-class _Group(nnx.Module):
-    """A plain container so params nest as in `param_specs` (e.g. `blocks.wq`)."""
+class Blocks(nnx.Module):
+    """The decoder layers: pre-norm attention and SwiGLU MLP, each weight stacked over layers."""
+
+    def __init__(self, cfg: LlamaConfig, kernels: Any, *, rngs: nnx.Rngs):
+        self.cfg, self.kernels = cfg, kernels
+        for name, spec in param_specs(cfg)["blocks"].items():
+            setattr(self, name, _param(spec, cfg, rngs))
+
+    def layer(self, p: Params, x_BxLxE: jax.Array, attention: _Attention,
+              kv: tuple[jax.Array, jax.Array] | None, i: jax.Array | int, cache_index: jax.Array | int):
+        """One layer with its weights `p` (this module's weights at layer i); with a cache `kv`
+        (all layers' keys and values), writes its new keys and values at slot cache_index."""
+        cfg, dense = self.cfg, self.kernels.dense
+        h = rms_norm(x_BxLxE, p["attn_norm"], cfg.rms_norm_eps)
+        q_BxLxHxD = checkpoint_name(dense("ble,ehd->blhd", h, p["wq"]), "query_proj")
+        k_BxLxKxD = checkpoint_name(dense("ble,ekd->blkd", h, p["wk"]), "key_proj")
+        v_BxLxKxD = checkpoint_name(dense("ble,ekd->blkd", h, p["wv"]), "value_proj")
+        q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, attention.sin_BxLxD, attention.cos_BxLxD),
+                              ("batch", "length", "heads", "head_dim"))
+        k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, attention.sin_BxLxD, attention.cos_BxLxD),
+                              ("batch", "length", "kv_heads", "head_dim"))
+        if kv is None:
+            k_all, v_all, new_kv = k_BxLxKxD, v_BxLxKxD, None
+        else:
+            new_kv = tuple(self.kernels.write_cache(c, new_BxLxKxD, i, cache_index)
+                           for c, new_BxLxKxD in zip(kv, (k_BxLxKxD, v_BxLxKxD)))
+            k_all, v_all = (self.kernels.read_cache(c, i) for c in new_kv)
+        attn_BxLxHxD = attention.attend(q_BxLxHxD, k_all, v_all, attention.q_segment_ids_BxL,
+                                        attention.kv_segment_ids_BxS, attention.q_offset,
+                                        sliding_window=attention.sliding_window)
+        attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
+        x_BxLxE = x_BxLxE + dense("blhd,hde->ble", attn_BxLxHxD, p["wo"])
+        h = rms_norm(x_BxLxE, p["mlp_norm"], cfg.rms_norm_eps)
+        gate_BxLxM = checkpoint_name(dense("ble,em->blm", h, p["w_gate"]), "mlp_gate")
+        up_BxLxM = checkpoint_name(dense("ble,em->blm", h, p["w_up"]), "mlp_up")
+        hidden_BxLxM = constrain(jax.nn.silu(gate_BxLxM) * up_BxLxM, ("batch", "length", "mlp"))
+        x_BxLxE = x_BxLxE + dense("blm,me->ble", hidden_BxLxM, p["w_down"])
+        return constrain(x_BxLxE, ("batch", "length", "embed")), new_kv
+
+    def __call__(self, x_BxLxE: jax.Array, attention: _Attention, kv: tuple[jax.Array, jax.Array] | None = None,
+                 cache_index: jax.Array | int = 0, layer_outputs: bool = False):
+        """(output [B, L, E], the new (keys, values) or None, each layer's output or None). With a
+        cache, the whole (keys, values) pair travels through the layers as a carry and each layer
+        writes only its new slots (in place), instead of copying the cache every decode step."""
+        cfg = self.cfg
+        stacked = nnx.to_pure_dict(nnx.state(self, nnx.Param))
+        layer = _remat(functools.partial(self.layer, attention=attention, cache_index=cache_index),
+                       cfg.remat_policy, cfg.scan_layers)
+        if cfg.scan_layers:
+            def body(carry, xs):
+                x, kv = carry
+                p, i = xs
+                x, new_kv = layer(p, x, kv=kv, i=i)
+                return (x, new_kv), (x if layer_outputs else None)
+
+            (x_BxLxE, kv), outputs = jax.lax.scan(body, (x_BxLxE, kv), (stacked, jnp.arange(cfg.num_layers)))
+            return x_BxLxE, kv, outputs
+        outputs = []
+        for i in range(cfg.num_layers):
+            x_BxLxE, kv = layer(jax.tree.map(lambda a: a[i], stacked), x_BxLxE, kv=kv, i=i)
+            outputs.append(x_BxLxE)
+        return x_BxLxE, kv, (jnp.stack(outputs) if layer_outputs else None)
 
 
 class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-
-        def build(spec: tuple) -> nnx.Param:
-            shape, axes, init = spec
-            if init == "ones":
-                value = jnp.ones(shape, cfg.weight_dtype)
-            else:
-                value = cfg.init_std * jax.random.normal(rngs.params(), shape, cfg.weight_dtype)
-            return nnx.Param(value, logical_axes=axes)
-
+        self.kernels = kernels_for(cfg)
         specs = param_specs(cfg)
-        self.embed = build(specs["embed"])
-        self.blocks = _Group()
-        for name, spec in specs["blocks"].items():
-            setattr(self.blocks, name, build(spec))
-        self.final_norm = build(specs["final_norm"])
+        self.embed = _param(specs["embed"], cfg, rngs)
+        self.blocks = Blocks(cfg, self.kernels, rngs=rngs)
+        self.final_norm = _param(specs["final_norm"], cfg, rngs)
         if "lm_head" in specs:
-            self.lm_head = build(specs["lm_head"])
+            self.lm_head = _param(specs["lm_head"], cfg, rngs)
 
-    def params(self) -> Params:
-        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+    def __call__(
+        self,
+        tokens_BxL: jax.Array,
+        positions_BxL: jax.Array,
+        segment_ids_BxL: jax.Array,
+        *,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+        head: bool = True,
+        layer_outputs: bool = False,
+    ) -> LlamaOutput:
+        """Logits [B, L, V] in float32 (with `head=False` only the final-normed hidden states
+        [B, L, E], for a loss that applies the LM head itself).
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, **kwargs: Any):
-        return forward(self.params(), self.cfg, tokens, positions, segment_ids, **kwargs)
+        With `cache` (`init_cache`), the new keys/values are written at slots [cache_index,
+        cache_index + L) and the queries attend to every slot written so far."""
+        cfg, kernels = self.cfg, self.kernels
+        x_BxLxE = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(cfg.compute_dtype)
+        x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
+        # Training and scoring may hold any position of the context; decoding holds a few.
+        num_positions = max(tokens_BxL.shape[1], cfg.max_position_embeddings) if cache is None else None
+        sin_BxLxD, cos_BxLxD = kernels.rope_tables(positions_BxL, rope_frequencies(cfg), num_positions)
+        if cache is None:
+            kv_segment_ids_BxS, kv = segment_ids_BxL, None
+        else:
+            kv_segment_ids_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, cache_index))
+            kv = (cache["k"], cache["v"])
+        attention = _Attention(
+            attend=kernels.attention(resolve_backend(cfg.attention, cfg.resolved_platform)),
+            sin_BxLxD=sin_BxLxD, cos_BxLxD=cos_BxLxD, q_segment_ids_BxL=segment_ids_BxL,
+            kv_segment_ids_BxS=kv_segment_ids_BxS, q_offset=0 if cache is None else cache_index,
+            sliding_window=cfg.sliding_window,
+        )
+        x_BxLxE, kv, outputs = self.blocks(x_BxLxE, attention, kv, cache_index, layer_outputs)
+        x_BxLxE = rms_norm(x_BxLxE, self.final_norm[...], cfg.rms_norm_eps)
+        logits = lm_head(x_BxLxE, self.head_weight().astype(cfg.compute_dtype)) if head else None
+        new_cache = None if cache is None else {"k": kv[0], "v": kv[1], "segment_ids": kv_segment_ids_BxS}
+        return LlamaOutput(logits, x_BxLxE, new_cache, outputs)
+
+    def head_weight(self) -> jax.Array:
+        """The LM head [E, V]: its own weight, or with tied embeddings the embedding table
+        transposed (its gradient then flows into `embed`)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """`Llama(cfg)`'s graph and its parameters as shapes with their metadata; nothing allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+
+
+def bind(params: Params, cfg: LlamaConfig) -> Llama:
+    """The `Llama` holding `params` (a plain dict in the `param_specs` layout)."""
+    return nnx.merge(abstract_model(cfg)[0], params)
+
+
+def forward(params: Params, cfg: LlamaConfig, tokens_BxL: jax.Array, positions_BxL: jax.Array,
+            segment_ids_BxL: jax.Array, *, cache: Cache | None = None, cache_index: jax.Array | int = 0,
+            head: bool = True, layer_outputs: bool = False) -> LlamaOutput:
+    """`Llama.__call__` on a plain dict of weights."""
+    return bind(params, cfg)(tokens_BxL, positions_BxL, segment_ids_BxL, cache=cache, cache_index=cache_index,
+                             head=head, layer_outputs=layer_outputs)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
     """Random parameters as a plain dict (call under jit with out_shardings to create them sharded)."""
-    return Llama(cfg, rngs=nnx.Rngs(params=key)).params()
+    return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
+
+
+def param_shapes(cfg: LlamaConfig) -> Params:
+    """ShapeDtypeStructs in the params' layout."""
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract_model(cfg)[1]))
+
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Params:
+    """A NamedSharding for each weight, from its Param's `logical_axes` through `rules`."""
+    return shardings_from_metadata(abstract_model(cfg)[1], mesh, rules)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -141,21 +276,44 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     return inv_freq
 
 
-def rope_tables(positions_BxL: jax.Array, inv_freq_D2: np.ndarray,
-                table_size: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """sin and cos [B, L, D] of the rotary angles (`inv_freq_D2` from `rope_frequencies`). With
-    `table_size`, they are computed once for positions 0 .. table_size - 1 and looked up (a
-    position outside the table, negative ones included, gives NaN rather than a wrong rotation):
-    computed directly, XLA:CPU fuses sin and cos into each rotation and recomputes them for every
-    head (~10 ms per [8, 512, 8, 64] rotation on one core; docs/benchmarks.md)."""
-    if table_size is not None:
-        sin_TxD, cos_TxD = (t[0] for t in rope_tables(jnp.arange(table_size)[None], inv_freq_D2))
-        index_BxL = jnp.where(positions_BxL < 0, table_size, positions_BxL)  # take() would wrap negatives
-        look_up = functools.partial(jnp.take, indices=index_BxL, axis=0, mode="fill", fill_value=jnp.nan)
-        return look_up(sin_TxD), look_up(cos_TxD)
-    freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_D2, jnp.float32)
-    angles_BxLxD = jnp.concatenate([freqs_BxLxD2, freqs_BxLxD2], axis=-1)
-    return jnp.sin(angles_BxLxD), jnp.cos(angles_BxLxD)
+class PlainKernels:
+    """The operations whose fastest form depends on the platform, as TPUs and GPUs take them:
+    plain einsums and autodiff. model/cpu.py has XLA:CPU's versions under the same names."""
+
+    @staticmethod
+    def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+        """A weight matmul in the compute dtype (x's); the matrix units accumulate in float32."""
+        return jnp.einsum(spec, x, w.astype(x.dtype))
+
+    @staticmethod
+    def rope_tables(positions_BxL: jax.Array, inv_freq_D2: np.ndarray,
+                    num_positions: int | None) -> tuple[jax.Array, jax.Array]:
+        """sin and cos [B, L, D] of the rotary angles (`inv_freq_D2` from `rope_frequencies`);
+        `num_positions` (how many positions the call may hold) is for cpu.rope_tables' table."""
+        freqs_BxLxD2 = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_D2, jnp.float32)
+        angles_BxLxD = jnp.concatenate([freqs_BxLxD2, freqs_BxLxD2], axis=-1)
+        return jnp.sin(angles_BxLxD), jnp.cos(angles_BxLxD)
+
+    @staticmethod
+    def attention(name: str) -> AttendFn:
+        return get_backend(name)
+
+    CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+    @staticmethod
+    def write_cache(cache_LyxBxSxKxD: jax.Array, new_BxLxKxD: jax.Array, layer: jax.Array | int,
+                    index: jax.Array | int) -> jax.Array:
+        return jax.lax.dynamic_update_slice(cache_LyxBxSxKxD, new_BxLxKxD[None].astype(cache_LyxBxSxKxD.dtype),
+                                            (layer, 0, index, 0, 0))
+
+    @staticmethod
+    def read_cache(cache_LyxBxSxKxD: jax.Array, layer: jax.Array | int) -> jax.Array:
+        return jax.lax.dynamic_index_in_dim(cache_LyxBxSxKxD, layer, keepdims=False)
+
+
+def kernels_for(cfg: LlamaConfig) -> Any:
+    """model/cpu.py on the CPU, PlainKernels on TPUs and GPUs (by `cfg.platform`)."""
+    return cpu if cfg.resolved_platform == "cpu" else PlainKernels
 
 
 def apply_rope(x_BxLxHxD: jax.Array, sin_BxLxD: jax.Array, cos_BxLxD: jax.Array) -> jax.Array:
@@ -180,124 +338,25 @@ def _remat(fn, policy: str, scanned: bool):
     return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
 
 
-def lm_head_weight(params: Params, cfg: LlamaConfig) -> jax.Array:
-    """The LM head [E, V]: its own weight, or with tied embeddings the embedding table transposed
-    (its gradient then flows into `embed`)."""
-    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-
-
 def lm_head(x_BxLxE: jax.Array, lm_head_ExV: jax.Array) -> jax.Array:
     """Logits [B, L, V], accumulated and returned in float32."""
     logits_BxLxV = jnp.einsum("ble,ev->blv", x_BxLxE, lm_head_ExV, preferred_element_type=jnp.float32)
     return constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # of init_cache's keys and values
-
-
 def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype: Any = None) -> Cache:
     """An empty KV cache: slots hold segment id 0 until written, so they are never attended to.
-    Keys and values are head-major, [layers, B, K, S, D], the layout attention computes in: in the
-    activations' [B, S, K, D] every decode step transposed each layer's whole cache (two thirds of a
-    step at 4k slots)."""
+    Keys and values are [layers, B, S, K, D] (head-major [layers, B, K, S, D] on the CPU,
+    model/cpu.py), sharded by their logical axes when rules are active."""
     dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_length, cfg.head_dim)
+    axes = kernels_for(cfg).CACHE_AXES
+    sizes = {"layers": cfg.num_layers, "batch": batch, "kv_heads": cfg.num_kv_heads, "length": max_length,
+             "head_dim": cfg.head_dim}
+    shape = tuple(sizes[a] for a in axes)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "segment_ids": jnp.zeros((batch, max_length), jnp.int32),
+        "k": constrain(jnp.zeros(shape, dtype), axes),
+        "v": constrain(jnp.zeros(shape, dtype), axes),
+        "segment_ids": constrain(jnp.zeros((batch, max_length), jnp.int32), ("batch", "length")),
     }
 
 
-def forward(
-    params: Params,
-    cfg: LlamaConfig,
-    tokens_BxL: jax.Array,
-    positions_BxL: jax.Array,
-    segment_ids_BxL: jax.Array,
-    *,
-    cache: Cache | None = None,
-    cache_index: jax.Array | int = 0,
-    return_hidden: bool = False,
-    apply_lm_head: bool = True,
-):
-    """Logits [B, L, V] in float32 (with `apply_lm_head=False`: the final-normed hidden states
-    [B, L, E] in the compute dtype, for a loss that applies the LM head itself).
-
-    With `cache`, the new keys/values are written at slots [cache_index, cache_index + L) and the
-    queries attend to every slot written so far; returns (logits, new_cache). With
-    `return_hidden`, also returns each layer's output [Ly, B, L, E] (before the final norm).
-    """
-    dtype = cfg.compute_dtype
-    attend = get_backend(cfg.attention)
-    x_BxLxE = jnp.take(params["embed"], tokens_BxL, axis=0).astype(dtype)
-    x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
-    # A table when there is no cache (training, scoring); decoding computes its few positions directly.
-    table_size = max(tokens_BxL.shape[1], cfg.max_position_embeddings) if cache is None else None
-    sin_BxLxD, cos_BxLxD = rope_tables(positions_BxL, rope_frequencies(cfg), table_size)
-
-    if cache is None:
-        kv_segment_ids_BxS = segment_ids_BxL
-    else:
-        kv_segment_ids_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, cache_index))
-    q_offset = 0 if cache is None else cache_index
-
-    # With a cache, the whole [Ly, B, K, S, D] cache travels through the layers as a carry and each
-    # layer writes only its new slots (in place), instead of copying the cache every decode step.
-    def layer(x_BxLxE: jax.Array, p: Params, kv: tuple[jax.Array, jax.Array] | None, i: jax.Array | int):
-        h = rms_norm(x_BxLxE, p["attn_norm"], cfg.rms_norm_eps)
-        q_BxLxHxD = checkpoint_name(dense("ble,ehd->blhd", h, p["wq"]), "query_proj")
-        k_BxLxKxD = checkpoint_name(dense("ble,ekd->blkd", h, p["wk"]), "key_proj")
-        v_BxLxKxD = checkpoint_name(dense("ble,ekd->blkd", h, p["wv"]), "value_proj")
-        q_BxLxHxD = constrain(apply_rope(q_BxLxHxD, sin_BxLxD, cos_BxLxD), ("batch", "length", "heads", "head_dim"))
-        k_BxLxKxD = constrain(apply_rope(k_BxLxKxD, sin_BxLxD, cos_BxLxD), ("batch", "length", "kv_heads", "head_dim"))
-        if kv is None:
-            k_all, v_all, new_kv = k_BxLxKxD, v_BxLxKxD, None
-        else:
-            at = (i, 0, 0, cache_index, 0)
-            new_kv = tuple(jax.lax.dynamic_update_slice(cache_LyxBxKxSxD, jnp.swapaxes(new_BxLxKxD, 1, 2)[None]
-                                                        .astype(cache_LyxBxKxSxD.dtype), at)
-                           for cache_LyxBxKxSxD, new_BxLxKxD in zip(kv, (k_BxLxKxD, v_BxLxKxD)))
-            # Back to [B, S, K, D] for the backends' signature; the XLA backend's own transpose to
-            # head-major cancels this one.
-            k_all, v_all = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(c, i, keepdims=False), 1, 2) for c in new_kv)
-        attn_BxLxHxD = attend(q_BxLxHxD, k_all, v_all, segment_ids_BxL, kv_segment_ids_BxS, q_offset,
-                              sliding_window=cfg.sliding_window)
-        attn_BxLxHxD = checkpoint_name(attn_BxLxHxD, "attention_out")
-        x_BxLxE = x_BxLxE + dense("blhd,hde->ble", attn_BxLxHxD, p["wo"])
-        h = rms_norm(x_BxLxE, p["mlp_norm"], cfg.rms_norm_eps)
-        gate_BxLxM = checkpoint_name(dense("ble,em->blm", h, p["w_gate"]), "mlp_gate")
-        up_BxLxM = checkpoint_name(dense("ble,em->blm", h, p["w_up"]), "mlp_up")
-        hidden_BxLxM = constrain(jax.nn.silu(gate_BxLxM) * up_BxLxM, ("batch", "length", "mlp"))
-        x_BxLxE = x_BxLxE + dense("blm,me->ble", hidden_BxLxM, p["w_down"])
-        x_BxLxE = constrain(x_BxLxE, ("batch", "length", "embed"))
-        return x_BxLxE, new_kv
-
-    layer = _remat(layer, cfg.remat_policy, cfg.scan_layers)
-    kvs = None if cache is None else (cache["k"], cache["v"])
-
-    if cfg.scan_layers:
-        def body(carry, xs):
-            x, kv = carry
-            p, i = xs
-            x, new_kv = layer(x, p, kv, i)
-            return (x, new_kv), (x if return_hidden else None)
-
-        layer_ids = jnp.arange(cfg.num_layers)
-        (x_BxLxE, new_kvs), hidden = jax.lax.scan(body, (x_BxLxE, kvs), (params["blocks"], layer_ids))
-    else:
-        hiddens = []
-        new_kvs = kvs
-        for i in range(cfg.num_layers):
-            p_i = jax.tree.map(lambda a: a[i], params["blocks"])
-            x_BxLxE, new_kvs = layer(x_BxLxE, p_i, new_kvs, i)
-            hiddens.append(x_BxLxE)
-        hidden = jnp.stack(hiddens) if return_hidden else None
-
-    x_BxLxE = rms_norm(x_BxLxE, params["final_norm"], cfg.rms_norm_eps)
-    outputs: list[Any] = [lm_head(x_BxLxE, lm_head_weight(params, cfg).astype(dtype)) if apply_lm_head else x_BxLxE]
-    if cache is not None:
-        outputs.append({"k": new_kvs[0], "v": new_kvs[1], "segment_ids": kv_segment_ids_BxS})
-    if return_hidden:
-        outputs.append(hidden)
-    return outputs[0] if len(outputs) == 1 else tuple(outputs)

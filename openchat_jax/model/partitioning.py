@@ -1,18 +1,46 @@
-"""Logical axis names -> mesh sharding. The model tags weights (`logical_axes` metadata on each
-nnx.Param) and key activations (`constrain`); the train side chooses the mesh and the rules table
-and activates them with `use_rules`. Without active rules, `constrain` does nothing."""
+"""Logical axis names -> mesh sharding, for training and inference alike. The model tags weights
+(`logical_axes` metadata on each nnx.Param, read by `shardings_from_metadata`) and key activations
+(`constrain`); THE rules table, `LOGICAL_AXIS_RULES`, maps them onto the mesh axes `data`, `fsdp`,
+`tensor`, and `use_rules` activates it while tracing. Without active rules, `constrain` does
+nothing.
+
+Parameters are sharded over `fsdp` along `embed` and over `tensor` along heads/mlp/vocab; batches
+over `data` x `fsdp`. A dimension that a mesh axis does not divide is replicated over that axis
+(e.g. a 32001-row vocabulary on tensor=2) and reported once, rather than failing deep in XLA.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+import logging
+from typing import Any, Iterator, Sequence
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 # A rule maps one logical axis to a mesh axis, a tuple of mesh axes, or None (replicated).
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+BATCH_MESH_AXES = ("data", "fsdp")
+
+# The one table: logical axis -> mesh axis (or axes, or None = replicated). A mesh axis is used at
+# most once per array (the first logical axis claiming it wins; see logical_to_spec), so an
+# activation [batch, length, embed] is sharded by batch over (data, fsdp) and not again by embed.
+LOGICAL_AXIS_RULES: Rules = (
+    ("batch", BATCH_MESH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("openchat_rules", default=None)
 
@@ -91,3 +119,25 @@ def shard_count(axis: str, size: int) -> int:
     spec = logical_to_spec((axis,), rules, mesh, (size,))[0]
     names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     return _product(mesh, names)
+
+
+def sharding_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
+                 rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
+    """A mesh axis that does not divide its dimension is dropped (that dimension is replicated
+    over it); logged once per array."""
+    spec = logical_to_spec(logical_axes, rules, mesh, shape)
+    if spec != logical_to_spec(logical_axes, rules, mesh):
+        log.warning("shape %s (logical axes %s): a mesh axis does not divide its dimension, sharded as %s",
+                    tuple(shape), tuple(logical_axes), spec)
+    return NamedSharding(mesh, spec)
+
+
+def shardings_from_metadata(params: nnx.State, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> dict[str, Any]:
+    """The plain-dict layout of `params` (an nnx.State of Params, e.g. of an `nnx.eval_shape`d
+    module) with a NamedSharding at each leaf, from the Param's `logical_axes` metadata."""
+    def sharding(param: nnx.Variable) -> NamedSharding:
+        if "logical_axes" not in param.get_metadata():
+            raise ValueError(f"a parameter of shape {param.shape} has no logical_axes metadata")
+        return sharding_for(param.shape, param.logical_axes, mesh, rules)
+
+    return nnx.to_pure_dict(jax.tree.map(sharding, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))

@@ -36,8 +36,8 @@ from openchat_jax.data.loader import pack_rows
 from openchat_jax.data.packing import plan_epoch
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import forward
-from openchat_jax.model.partitioning import Rules, use_rules
+from openchat_jax.model.llama import forward, param_shardings
+from openchat_jax.model.partitioning import LOGICAL_AXIS_RULES, Rules, use_rules
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train.config import RunConfig
 from openchat_jax.train.loss import Sums, head_loss_sums, zero_sums
@@ -51,7 +51,7 @@ def eval_sums(params: Any, model_cfg: LlamaConfig, batch: Mapping[str, jax.Array
     from openchat_jax.train.step import gather_embedding
 
     params = gather_embedding(params)
-    x = forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"], apply_lm_head=False)
+    x = forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"], head=False).hidden
     return head_loss_sums(x, params["lm_head"].astype(model_cfg.compute_dtype), batch["targets"],
                           batch["weights"].astype(np.float32), batch["class_ids"], num_classes,
                           loss_chunk_length, True)
@@ -59,7 +59,7 @@ def eval_sums(params: Any, model_cfg: LlamaConfig, batch: Mapping[str, jax.Array
 
 @functools.lru_cache(maxsize=8)
 def make_eval_step(model_cfg: LlamaConfig, mesh: Mesh, num_classes: int, loss_chunk_length: int = 0,
-                   rules: Rules = mesh_lib.LOGICAL_AXIS_RULES):
+                   rules: Rules = LOGICAL_AXIS_RULES):
     """jit((params, batch, totals) -> totals + this batch's sums); the totals are donated."""
     def step(params, batch, totals):
         with use_rules(mesh, rules):
@@ -67,7 +67,7 @@ def make_eval_step(model_cfg: LlamaConfig, mesh: Mesh, num_classes: int, loss_ch
         return jax.tree.map(lambda a, b: a + b, totals, sums)
 
     rep = mesh_lib.replicated(mesh)
-    return jax.jit(step, in_shardings=(mesh_lib.param_shardings(model_cfg, mesh, rules), mesh_lib.batch_sharding(mesh), rep),
+    return jax.jit(step, in_shardings=(param_shardings(model_cfg, mesh, rules), mesh_lib.batch_sharding(mesh), rep),
                    out_shardings=rep, donate_argnums=(2,))
 
 
@@ -96,7 +96,7 @@ class HeldOutEval:
 
     def __init__(self, dataset_dir: str | Path, info: Mapping[str, Any], model_cfg: LlamaConfig, mesh: Mesh, *,
                  rows: int, seq_len: int, loss_chunk_length: int = 0, variants: Sequence[str] | None = None,
-                 rules: Rules = mesh_lib.LOGICAL_AXIS_RULES):
+                 rules: Rules = LOGICAL_AXIS_RULES):
         self.classes = [dict(c) for c in info["classes"]]
         self.class_names = [c["name"] for c in self.classes]
         self.expert = max(self.classes, key=lambda c: c["weight"])["name"]

@@ -36,6 +36,7 @@ from openchat_jax.config import resolve
 from openchat_jax.errors import ConfigError, DataError, OpenChatError
 from openchat_jax.model.checkpoint_io import MODEL_CONFIG
 from openchat_jax.model.config import LlamaConfig
+from openchat_jax.model.llama import param_shardings
 from openchat_jax.train import flops as flops_lib
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import run_info
@@ -278,7 +279,7 @@ def initial_state(run: Run) -> TrainState:
     if config.init_from:
         from openchat_jax.model.checkpoint_io import load_params
 
-        shardings = mesh_lib.param_shardings(run.model_cfg, run.mesh)
+        shardings = param_shardings(run.model_cfg, run.mesh)
         params, _ = load_params(config.init_from, shardings, dtype=run.model_cfg.weight_dtype)
         return init_train_state(run.model_cfg, run.tx, run.mesh, config.seed, params=params)
     return init_train_state(run.model_cfg, run.tx, run.mesh, config.seed)

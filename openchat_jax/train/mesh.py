@@ -1,14 +1,8 @@
-"""The device mesh (axes `data`, `fsdp`, `tensor`), THE logical-axis rules table, and shardings
-for parameters, optimizer state and batches.
-
-Parameters are sharded over `fsdp` along `embed` and over `tensor` along heads/mlp/vocab; batches
-over `data` x `fsdp`. A dimension that a mesh axis does not divide is replicated over that axis
-(e.g. a 32001-row vocabulary on tensor=2) and reported once, rather than failing deep in XLA.
-"""
+"""The device mesh (axes `data`, `fsdp`, `tensor`) and shardings for optimizer state and batches
+(the rules table and the params' shardings: model/partitioning.py, model/llama.py)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -18,29 +12,8 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from openchat_jax.errors import ConfigError
-from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import param_logical_axes, param_shapes
-from openchat_jax.model.partitioning import Rules, logical_to_spec
+from openchat_jax.model.partitioning import BATCH_MESH_AXES
 from openchat_jax.train.mesh_spec import MESH_AXES
-
-log = logging.getLogger(__name__)
-
-BATCH_MESH_AXES = ("data", "fsdp")
-
-# The one table: logical axis -> mesh axis (or axes, or None = replicated). A mesh axis is used at
-# most once per array (the first logical axis claiming it wins; see logical_to_spec), so an
-# activation [batch, length, embed] is sharded by batch over (data, fsdp) and not again by embed.
-LOGICAL_AXIS_RULES: Rules = (
-    ("batch", BATCH_MESH_AXES),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
@@ -76,25 +49,6 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
 
 def batch_axis_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_MESH_AXES)
-
-
-def sharding_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
-    """A mesh axis that does not divide its dimension is dropped (that dimension is replicated
-    over it); logged once per array."""
-    spec = logical_to_spec(logical_axes, rules, mesh, shape)
-    if spec != logical_to_spec(logical_axes, rules, mesh):
-        log.warning("shape %s (logical axes %s): a mesh axis does not divide its dimension, sharded as %s",
-                    tuple(shape), tuple(logical_axes), spec)
-    return NamedSharding(mesh, spec)
-
-
-def param_shardings(model_cfg: LlamaConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Any:
-    """Same pytree as the params, a NamedSharding at each leaf."""
-    axes = param_logical_axes(model_cfg)
-    shapes = param_shapes(model_cfg)
-    return jax.tree.map(
-        lambda s, a: sharding_for(s.shape, a, mesh, rules), shapes, axes, is_leaf=lambda x: isinstance(x, tuple)
-    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -38,8 +38,8 @@ import numpy as np
 from openchat_jax.data.loader import BATCH_KEYS
 from openchat_jax.config import resolve
 from openchat_jax.errors import ConfigError
+from openchat_jax.model import partitioning
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.dense import accelerator_layout
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train import step as step_lib
 from openchat_jax.train.config import RunConfig
@@ -57,6 +57,7 @@ _PLACEHOLDER_STEPS = 1000
 @dataclasses.dataclass(frozen=True)
 class Chip:
     name: str
+    platform: str  # jax's name for it: the model's kernels (LlamaConfig.platform)
     peak_flops: float  # dense bf16 FLOP/s per chip (one JAX device)
     hbm_bytes: int  # per chip
     usable_fraction: float  # of HBM that XLA may use in our launch setup
@@ -72,10 +73,10 @@ class Chip:
 #   H100:    NVIDIA H100 Tensor Core GPU datasheet, SXM5 - 80 GB HBM3. The launch scripts give XLA
 #            90% of it (XLA_PYTHON_CLIENT_MEM_FRACTION=0.9, launch/gpu_node.sh).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", PEAK_FLOPS_BY_KIND["TPU v4"], 32 * GiB, 1.0, "v4-N slices have N/2 chips (N counts TensorCores)"),
-    "v5e": Chip("TPU v5e", PEAK_FLOPS_BY_KIND["TPU v5e"], 16 * GiB, 1.0, "v5litepod-N slices have N chips"),
-    "v5p": Chip("TPU v5p", PEAK_FLOPS_BY_KIND["TPU v5p"], 95 * GiB, 1.0, "v5p-N slices have N/2 chips (N counts TensorCores)"),
-    "h100": Chip("NVIDIA H100 SXM", PEAK_FLOPS_BY_KIND["H100"], 80 * GiB, 0.9, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 in the launch scripts"),
+    "v4": Chip("TPU v4", "tpu", PEAK_FLOPS_BY_KIND["TPU v4"], 32 * GiB, 1.0, "v4-N slices have N/2 chips (N counts TensorCores)"),
+    "v5e": Chip("TPU v5e", "tpu", PEAK_FLOPS_BY_KIND["TPU v5e"], 16 * GiB, 1.0, "v5litepod-N slices have N chips"),
+    "v5p": Chip("TPU v5p", "tpu", PEAK_FLOPS_BY_KIND["TPU v5p"], 95 * GiB, 1.0, "v5p-N slices have N/2 chips (N counts TensorCores)"),
+    "h100": Chip("NVIDIA H100 SXM", "gpu", PEAK_FLOPS_BY_KIND["H100"], 80 * GiB, 0.9, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 in the launch scripts"),
 }
 
 
@@ -264,7 +265,7 @@ def _collect_sharding_warnings() -> Iterator[list[str]]:
     """The mesh module warns each time it replicates a dimension that a mesh axis does not
     divide (once per shardings call, so several times per plan): gather them, once each, into
     the plan's notes instead."""
-    logger = logging.getLogger(mesh_lib.__name__)
+    logger = logging.getLogger(partitioning.__name__)
     handler = _Collect()
     propagate = logger.propagate
     logger.addHandler(handler)
@@ -291,7 +292,7 @@ def plan_step(
     Uses the first prod(mesh) of `devices` (default jax.devices()); on a CPU host, fake them with
     XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported (the CLI does)."""
     config = resolve(config)
-    with _collect_sharding_warnings() as warnings, accelerator_layout():
+    with _collect_sharding_warnings() as warnings:
         plan = _plan_step(config, mesh_axes, chip, mfu, devices, compile, count_xla_flops)
     return dataclasses.replace(plan, notes=plan.notes + tuple(f"sharding: {w}" for w in warnings))
 
@@ -322,6 +323,7 @@ def _plan_step(
     L = row_length(config)
     num_classes = len(config.data.classes)
     model_cfg, notes = model_config_for_plan(config)
+    model_cfg = model_cfg.replace(platform=CHIPS[chip].platform)  # the chip's kernels, compiled by XLA:CPU
 
     step = step_lib.build_step(config, mesh, total_steps=_PLACEHOLDER_STEPS, model_cfg=model_cfg, seq_len=L)
     state = step_lib.abstract_train_state(model_cfg, step.tx, mesh)  # eval_shape: nothing allocated

@@ -28,8 +28,8 @@ from jax.sharding import Mesh
 from openchat_jax.data.loader import BATCH_KEYS
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import forward, init_params, lm_head_weight, param_shapes
-from openchat_jax.model.partitioning import Rules, constrain, use_rules
+from openchat_jax.model.llama import bind, init_params, param_shapes, param_shardings as model_param_shardings
+from openchat_jax.model.partitioning import LOGICAL_AXIS_RULES, Rules, constrain, use_rules
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train.config import RunConfig, TrainConfig
 from openchat_jax.train.loss import (head_loss_sums, loss_sums, sums_to_metrics,
@@ -47,8 +47,8 @@ def make_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) ->
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": rng}
 
 
-def state_shardings(model_cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules = mesh_lib.LOGICAL_AXIS_RULES) -> TrainState:
-    p_shardings = mesh_lib.param_shardings(model_cfg, mesh, rules)
+def state_shardings(model_cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> TrainState:
+    p_shardings = model_param_shardings(model_cfg, mesh, rules)
     rep = mesh_lib.replicated(mesh)
     return {
         "step": rep,
@@ -58,7 +58,7 @@ def state_shardings(model_cfg: LlamaConfig, tx: optax.GradientTransformation, me
     }
 
 
-def abstract_train_state(model_cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules = mesh_lib.LOGICAL_AXIS_RULES) -> TrainState:
+def abstract_train_state(model_cfg: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target for a checkpoint."""
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     shapes = jax.eval_shape(lambda p, r: make_state(p, tx, r), param_shapes(model_cfg), rng)
@@ -74,7 +74,7 @@ def init_train_state(
     seed: int,
     *,
     params: Any | None = None,
-    rules: Rules = mesh_lib.LOGICAL_AXIS_RULES,
+    rules: Rules = LOGICAL_AXIS_RULES,
 ) -> TrainState:
     """Params (random from `seed`, or the given ones) and optimizer state, created directly in
     their shardings by jit out_shardings: no host ever holds a full copy."""
@@ -158,12 +158,13 @@ def train_step(
 
     def micro_loss(p: Any, mb: Batch) -> tuple[jax.Array, dict]:
         p = gather_embedding(p)
+        model = bind(p, model_cfg)
         if fused_head:
-            x = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"], apply_lm_head=False)
-            sums = head_loss_sums(x, lm_head_weight(p, model_cfg).astype(model_cfg.compute_dtype), mb["targets"], mb["weights"],
+            x = model(mb["tokens"], mb["positions"], mb["segment_ids"], head=False).hidden
+            sums = head_loss_sums(x, model.head_weight().astype(model_cfg.compute_dtype), mb["targets"], mb["weights"],
                                   mb["class_ids"], num_classes, loss_chunk_length, skip_unsupervised_logits)
         else:
-            logits = forward(p, model_cfg, mb["tokens"], mb["positions"], mb["segment_ids"])
+            logits = model(mb["tokens"], mb["positions"], mb["segment_ids"]).logits
             sums = loss_sums(logits, mb["targets"], mb["weights"], mb["class_ids"], num_classes)
         return sums["wce"] / denominator, sums
 
@@ -291,7 +292,7 @@ def make_train_step(
     micro_batches: int = 1,
     weighted: bool = True,
     loss_normalization: str = "token",
-    rules: Rules = mesh_lib.LOGICAL_AXIS_RULES,
+    rules: Rules = LOGICAL_AXIS_RULES,
     donate: bool = True,
     fused_head: bool = True,
     loss_chunk_length: int = 0,
