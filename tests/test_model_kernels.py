@@ -36,8 +36,9 @@ def _training_traces(platform: str) -> tuple[str, str]:
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_an_accelerator_trace_holds_no_cpu_construct(platform):
     jaxpr, hlo = _training_traces(platform)
-    assert "custom_vjp_call" not in jaxpr  # cpu.dense: a hand-written backward per weight matmul
-    assert "optimization_barrier" not in hlo  # cpu.dense's weight-gradient layout
+    # The weight matmuls are precision.dense's (a custom VJP for the mixed precision), ...
+    assert jaxpr.count("custom_vjp_call") == 7 * 1
+    assert "optimization_barrier" not in hlo  # ... without cpu.dense's weight-gradient layout
     # Rotary angles computed for the row's own positions, not a table of max_position_embeddings.
     assert re.findall(r"f32\[([\d,]+)\] = sin", jaxpr) == ["2,16,32"]
 

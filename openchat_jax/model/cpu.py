@@ -4,15 +4,11 @@ or GPU trace runs the plain versions in `llama.PlainKernels` and contains none o
 expose the same names: `dense`, `rope_tables`, `attention`, `CACHE_AXES`, `write_cache`,
 `read_cache`. Measurements: docs/benchmarks.md.
 
-- `dense`: the weight matmul with a hand-written backward.
-  1. bfloat16: `einsum(bf16, bf16)` returning bf16 runs on XLA:CPU's slow path, while
-     bf16 x bf16 -> f32 runs on the AMX units. Asking for f32 output fixes the forward only:
-     autodiff then feeds the backward dots an f32 cotangent and upcasts the bf16 operand. Here the
-     cotangent is cast to the compute dtype and the backward dots accumulate in f32 as well.
-  2. Layout: for the weight gradient dW = x^T dy, XLA:CPU transposes the larger operand (dy, e.g.
-     [B*L, mlp]) inside the elementwise fusion that produces it, a strided write that costs more
-     than the matmul. Transposing the narrower side on its own, behind an optimization barrier,
-     leaves dy row-major.
+- `dense`: the weight matmul of model/precision.py (bf16 operands, f32 accumulation, in forward
+  and backward) with its weight gradient laid out for XLA:CPU. For dW = x^T dy, XLA:CPU transposes
+  the larger operand (dy, e.g. [B*L, mlp]) inside the elementwise fusion that produces it, a
+  strided write that costs more than the matmul. Transposing the narrower side on its own, behind
+  an optimization barrier, leaves dy row-major.
 - `rope_tables`: computed directly, XLA:CPU fuses sin and cos into each rotation and recomputes
   them for every head; a table of every position, looked up, computes them once.
 - `attention("xla")`: a prefill's query blocks run one after the other (XLA:CPU would run the
@@ -29,45 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from openchat_jax.model import precision
 from openchat_jax.model.attention import AttendFn, get_backend, xla_attention
-
-
-@functools.lru_cache(maxsize=64)
-def _parse(spec: str) -> tuple[str, str, str]:
-    try:
-        inputs, out = spec.replace(" ", "").split("->")
-        x, w = inputs.split(",")
-    except ValueError:
-        raise ValueError(f"dense needs a two-operand einsum spec 'x,w->out', got {spec!r}") from None
-    for name, axes in (("x", x), ("w", w)):
-        missing = set(axes) - set(out) - set(x if name == "w" else w)
-        if missing or len(set(axes)) != len(axes):
-            raise ValueError(f"dense spec {spec!r}: each axis of {name} must appear once, and in the other operand or the output")
-    return x, w, out
-
-
-def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum(spec, x, w) accumulated in float32, returned in x.dtype (w is cast to x.dtype first).
-    Every axis of x is in w or in the output, and the same for w."""
-    return _dense_fwd(spec, x, w)[0]
-
-
-def _dense_fwd(spec: str, x: jax.Array, w: jax.Array):
-    _parse(spec)
-    # Saves the weight as given (a scan over layers forwards it instead of stacking a cast copy).
-    return _einsum(spec, x, w.astype(x.dtype), x.dtype), (x, w)
+    """precision.dense (same values, same dtypes) with the weight gradient laid out for XLA:CPU."""
+    return precision.dense_fwd(spec, x, w)[0]
 
 
 def _dense_bwd(spec: str, residuals, dy: jax.Array):
     x, w = residuals
-    xs, ws, outs = _parse(spec)
+    xs, ws, outs = precision.parse_spec(spec)
     dy = dy.astype(x.dtype)
-    dx = _einsum(f"{outs},{ws}->{xs}", dy, w.astype(x.dtype), x.dtype)
+    dx = precision.input_grad(spec, dy, w)
     # dW contracts x and dy over their shared (token) axes. The smaller of the two is transposed
     # on its own so that those axes come last in it; the other is used as it is.
     if x.size <= dy.size:
@@ -79,7 +51,7 @@ def _dense_bwd(spec: str, residuals, dy: jax.Array):
     # The dot's own output order (lhs's weight axes, then rhs's), transposed to w's afterwards:
     # asked for w's order directly, XLA transposes both (large) operands instead of the small result.
     natural = "".join(a for a in lhs_spec if a in ws) + "".join(a for a in rhs_spec if a in ws)
-    dw = _einsum(f"{lhs_spec},{rhs_spec}->{natural}", lhs, rhs, w.dtype)
+    dw = precision.einsum_f32(f"{lhs_spec},{rhs_spec}->{natural}", lhs, rhs, w.dtype)
     if natural != ws:
         dw = jnp.transpose(jax.lax.optimization_barrier(dw), [natural.index(a) for a in ws])
     return dx, dw
@@ -95,7 +67,7 @@ def _tokens_last(spec: str, w_spec: str, a: jax.Array) -> tuple[str, jax.Array]:
     return "".join(spec[i] for i in order), jax.lax.optimization_barrier(jnp.transpose(a, order))
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+dense.defvjp(precision.dense_fwd, _dense_bwd)
 
 
 def rope_tables(positions_BxL: jax.Array, inv_freq_D2: np.ndarray, num_positions: int | None) -> tuple[jax.Array, jax.Array]:

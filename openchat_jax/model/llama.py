@@ -8,7 +8,7 @@ axes; `param_shardings` reads the shardings off that metadata through the rules 
 embeddings in the rotate-half convention (with its linear / llama3 frequency scaling), grouped-query
 attention (with Mistral's sliding window), SwiGLU MLP, an LM head of its own or tied to the
 embedding. The few operations whose best form depends on the platform come from `kernels_for`:
-plain einsums on TPUs and GPUs, model/cpu.py on the CPU.
+plain ones on TPUs and GPUs, model/cpu.py on the CPU.
 
 The train step and generation keep the weights as a plain dict at the jit boundary
 (`init_params`, checkpoints, optimizer state) and call the module through `forward`, which merges
@@ -31,7 +31,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from openchat_jax.model import cpu
+from openchat_jax.model import cpu, precision
 from openchat_jax.model.attention import AttendFn, get_backend, resolve_backend
 from openchat_jax.model.config import LlamaConfig
 from openchat_jax.model.partitioning import LOGICAL_AXIS_RULES, Rules, constrain, shardings_from_metadata
@@ -277,13 +277,11 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
 
 
 class PlainKernels:
-    """The operations whose fastest form depends on the platform, as TPUs and GPUs take them:
-    plain einsums and autodiff. model/cpu.py has XLA:CPU's versions under the same names."""
+    """The operations whose fastest form depends on the platform, as TPUs and GPUs take them: the
+    weight matmuls' mixed precision (model/precision.py), everything else plain and autodiffed.
+    model/cpu.py has XLA:CPU's versions under the same names."""
 
-    @staticmethod
-    def dense(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-        """A weight matmul in the compute dtype (x's); the matrix units accumulate in float32."""
-        return jnp.einsum(spec, x, w.astype(x.dtype))
+    dense = staticmethod(precision.dense)
 
     @staticmethod
     def rope_tables(positions_BxL: jax.Array, inv_freq_D2: np.ndarray,
