@@ -234,3 +234,35 @@ def test_eval_batches_hold_every_conversation_once_and_split_between_processes(w
             np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), full[b][key])
     with pytest.raises(ConfigError, match="longer than the sequence length"):
         local_batches(v, rows=4, seq_len=8, pad_id=0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_eval_sums_equal_numpy_on_the_logits(tie):
+    """Per-class NLL sums of the fused, chunked head equal NumPy's log-softmax of the module's logits,
+    with an LM head of its own and with one tied to the embedding (SmolLM2's layout)."""
+    import jax.numpy as jnp
+
+    from openchat_jax.model.config import TINY
+    from openchat_jax.model.llama import forward, init_params
+    from openchat_jax.train.evaluation import eval_sums
+
+    cfg = TINY.replace(vocab_size=64, embed=32, mlp=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       tie_embeddings=tie, dtype="float32")
+    params = init_params(cfg, jax.random.key(0))
+    assert ("lm_head" in params) != tie
+    rng = np.random.default_rng(0)
+    B, L = 2, 12
+    tokens = rng.integers(0, cfg.vocab_size, (B, L))
+    batch = {"tokens": jnp.asarray(tokens), "positions": jnp.tile(jnp.arange(L), (B, 1)),
+             "segment_ids": jnp.ones((B, L), jnp.int32), "targets": jnp.asarray(np.roll(tokens, -1, 1)),
+             "weights": jnp.asarray(rng.choice([0.0, 1.0, 0.1], (B, L))), "class_ids": jnp.asarray(rng.integers(0, 2, (B, L)))}
+    sums = eval_sums(params, cfg, batch, num_classes=2, loss_chunk_length=4)
+    logits = np.asarray(forward(params, cfg, batch["tokens"], batch["positions"], batch["segment_ids"]).logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    w, cid = np.asarray(batch["weights"]), np.asarray(batch["class_ids"])
+    for c in range(2):
+        on = (w > 0) & (cid == c)
+        assert float(sums["class_tokens"][c]) == on.sum()
+        assert float(sums["class_wce"][c]) == pytest.approx((w * nll)[on].sum(), rel=1e-5)

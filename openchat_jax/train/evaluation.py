@@ -36,7 +36,7 @@ from openchat_jax.data.loader import pack_rows
 from openchat_jax.data.packing import plan_epoch
 from openchat_jax.errors import ConfigError
 from openchat_jax.model.config import LlamaConfig
-from openchat_jax.model.llama import forward, param_shardings
+from openchat_jax.model.llama import bind, param_shardings
 from openchat_jax.model.partitioning import LOGICAL_AXIS_RULES, Rules, use_rules
 from openchat_jax.train import mesh as mesh_lib
 from openchat_jax.train.config import RunConfig
@@ -50,9 +50,9 @@ def eval_sums(params: Any, model_cfg: LlamaConfig, batch: Mapping[str, jax.Array
     """loss.Sums of one batch (forward only; the LM head applied chunk by chunk)."""
     from openchat_jax.train.step import gather_embedding
 
-    params = gather_embedding(params)
-    x = forward(params, model_cfg, batch["tokens"], batch["positions"], batch["segment_ids"], head=False).hidden
-    return head_loss_sums(x, params["lm_head"].astype(model_cfg.compute_dtype), batch["targets"],
+    model = bind(gather_embedding(params), model_cfg)
+    x = model(batch["tokens"], batch["positions"], batch["segment_ids"], head=False).hidden
+    return head_loss_sums(x, model.head_weight().astype(model_cfg.compute_dtype), batch["targets"],
                           batch["weights"].astype(np.float32), batch["class_ids"], num_classes,
                           loss_chunk_length, True)
 
