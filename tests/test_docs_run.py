@@ -170,7 +170,7 @@ def _questions(count: int, *, reference: bool = False) -> list[dict]:
 def _recipe_inputs(work: Path, tokenizer_dir: Path) -> None:
     """README.md and docs/evaluation.md: the base model folder, the conversations, question sets."""
     _hf_llama(work / "Llama-2-13b-hf", tokenizer_dir)
-    write_sharegpt_conversations(work / "sharegpt_gpt4.jsonl", 120)  # eval_fraction=0.02 holds out 2
+    write_sharegpt_conversations(work / "sharegpt_gpt4.jsonl", 600)  # eval_fraction=0.02 holds out 12
     _write_jsonl(work / "mt_bench.jsonl", [
         {"question_id": 81 + i, "category": "writing", "turns": ["the cat sat", "where is the mat"]} for i in range(2)])
     _write_jsonl(work / "questions_with_refs.jsonl", _questions(3, reference=True))
@@ -185,6 +185,7 @@ def _evaluation_inputs(work: Path, tokenizer_dir: Path) -> None:
 def _tiny_sharegpt_inputs(work: Path, tokenizer_dir: Path) -> None:
     """configs/tiny_sharegpt.py reads runs/data/sharegpt_labelled_3000.jsonl (written by `python
     configs/tiny_sharegpt.py` from the ShareGPT package) and the Llama-2 tokenizer next to the checkout."""
+    (work / "runs" / "data").mkdir(parents=True)
     write_sharegpt_conversations(work / "runs" / "data" / "sharegpt_labelled_3000.jsonl", 40)
     shutil.copytree(tokenizer_dir, work.parent / "shared" / "data" / "llama2-tokenizer")
 
