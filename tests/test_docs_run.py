@@ -341,7 +341,35 @@ def test_commands_that_need_a_tpu_gpu_or_the_hub(line, reason):
     pytest.skip(f"needs {reason}: {line}")
 
 
+def _first_plan_line_per_config() -> list[str]:
+    lines: dict[str | None, str] = {}
+    for line in page_runs()["scaling.md"]:
+        lines.setdefault(_option(_argv(line), "--config"), line)
+    return list(lines.values())
+
+
+@pytest.mark.parametrize("line", _first_plan_line_per_config())
+def test_plan_lines_run_without_compiling(line, tmp_path):
+    """The default run's share (the full pages are slow): scaling.md's first plan line of each config,
+    analytic only (`--no-compile`; compiling a 13B step for 32 fake devices takes ~30-40 s)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(ROOT / "configs", work / "configs")
+    argv = _argv(line)
+    stdout = _run(work, line, [*SHRINK[_shrink_key(argv)], "--no-compile"])
+    _check_outputs(work, argv, [], stdout)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax_compilation_cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", sorted(PAGES))
-def test_page_runs_as_written(doc, tiny_tokenizer_dir, tmp_path):  # noqa: F811
+def test_page_runs_as_written(doc, tiny_tokenizer_dir, tmp_path, compilation_cache, monkeypatch):  # noqa: F811
+    # The demo pages train the same tiny shapes dozens of times (variants x seeds, one process per
+    # command): JAX's persistent cache compiles each step once. It changes no result.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     run_page(doc, tmp_path / "work", tiny_tokenizer_dir)
