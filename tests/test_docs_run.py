@@ -47,7 +47,7 @@ SKIPPED = {
 # Placeholders a page writes in capitals for a path or config of the reader's choice, and the value
 # used here (relative to the page's sandbox).
 PLACEHOLDERS = {
-    "scaling.md": {"CFG": "configs/llama2_13b.py"},
+    "scaling.md": {"CFG": "configs/llama2_13b_openchat.py"},
     "demo.md": {"DIR": "runs/scaling_check"},
     "real_model_crlft.md": {"DIR": "runs/real/prepared/conditioned", "RUN": "runs/real/step_check"},
 }
@@ -83,7 +83,6 @@ SHRINK: dict[tuple[str, str | None], list[str]] = {
     ("prepare", "configs/demo.py"): [],
     ("prepare", "configs/smollm2_crlft.py"): [],
     ("train", "configs/smollm2_crlft.py"): ["--config.train.num_steps=2", *_QUIET],
-    ("plan", "configs/llama2_13b.py"): [],
     ("plan", "configs/llama2_13b_openchat.py"): [],
     ("plan", "configs/llama2_70b.py"): [],
     ("plan", "configs/mistral_7b.py"): [],
