@@ -13,8 +13,8 @@ documented arguments are never changed. Placeholders are filled from PLACEHOLDER
 need a TPU, a GPU or the hub are in SKIPPED with the reason; a command the test does not know how to
 run (a new page, command or config) fails `test_every_documented_command_is_run_or_skipped`.
 
-The full runs are slow (`-m slow`); the default run checks the classification and runs the plan
-lines analytically (`--no-compile`).
+The pages' full runs are slow (`-m slow`); the default run checks the classification and runs the
+first plan line of each config analytically (`--no-compile`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -228,7 +228,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(work: Path, line: str, extra: list[str] = (), stdin: str | None = None) -> str:
+def _run(work: Path, line: str, extra: Sequence[str] = (), stdin: str | None = None) -> str:
     argv = _argv(line)
     result = subprocess.run([str(CONSOLE_SCRIPT), *argv, *extra], cwd=work, env=_env(), input=stdin or "",
                             capture_output=True, text=True, timeout=1500)
