@@ -90,8 +90,10 @@ SHRINK: dict[tuple[str, str | None], list[str]] = {
 }
 # `chat` reads the user's turns from stdin; one turn, then end of input.
 CHAT_INPUT = "the cat sat on the mat\n"
-# The documented line that is not an `openchat-jax` command but makes an input of the next ones.
+# docs/demo.md's line that is not an `openchat-jax` command but writes an input of the next ones
+# (the fresh conversations); it runs as written before the first command that reads them.
 DEMO_FRESH_LINE = "python -c \"from openchat_jax.demo import run, tasks"
+DEMO_FRESH_DIR = "runs/demo_rep/fresh"
 
 
 def _argv(line: str) -> list[str]:
@@ -294,7 +296,7 @@ def run_page(doc: str, work: Path, tokenizer_dir: Path) -> None:
     page_text = (ROOT / "docs" / doc if doc != "README.md" else ROOT / doc).read_text()
     for line in page_runs()[doc]:
         argv = _argv(line)
-        if _command(argv) == "prepare" and "runs/demo_rep/fresh" in line and not (work / "runs/demo_rep/fresh").exists():
+        if DEMO_FRESH_DIR in line and not (work / DEMO_FRESH_DIR).exists():
             _run_python_line(work, page_text)
         extra = SHRINK[_shrink_key(argv)]
         stdout = _run(work, line, extra, stdin=CHAT_INPUT if _command(argv) == "chat" else None)
@@ -304,9 +306,11 @@ def run_page(doc: str, work: Path, tokenizer_dir: Path) -> None:
 def _run_python_line(work: Path, page_text: str) -> None:
     """docs/demo.md's `python -c ...` line that writes the fresh conversations, as written."""
     [line] = [line for line in _code_lines(page_text) if line.startswith(DEMO_FRESH_LINE)]
-    result = subprocess.run(shlex.split(line), cwd=work, env=_env(), capture_output=True, text=True, timeout=600)
+    python, *args = shlex.split(line)
+    assert python == "python", line
+    result = subprocess.run([sys.executable, *args], cwd=work, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{line}\n{result.stderr[-4000:]}"
-    assert (work / "runs/demo_rep/fresh/train.jsonl").is_file()
+    assert (work / DEMO_FRESH_DIR / "train.jsonl").is_file()
 
 
 # ---- tests ----------------------------------------------------------------------------------------
@@ -328,7 +332,7 @@ def test_every_documented_command_is_run_or_skipped():
         if _shrink_key(_argv(filled)) not in SHRINK:
             unknown.append(f"{doc}: {_shrink_key(_argv(filled))} has no SHRINK entry (add one): {line}")
     assert not unknown, "documented commands this test does not know how to run:\n" + "\n".join(unknown)
-    assert all(line in {l for _, l in all_lines} for line in SKIPPED), "SKIPPED lists a line no page has"
+    assert set(SKIPPED) <= {line for _, line in all_lines}, "SKIPPED lists a line no page has"
     runs = page_runs()
     deferred = [line for doc, line in all_lines if doc in RUN_IN_PAGE and line not in runs.get(doc, [])]
     assert all(line in runs[RUN_IN_PAGE["README.md"]] for line in deferred)
