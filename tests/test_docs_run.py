@@ -201,6 +201,10 @@ def _smollm2_inputs(work: Path, tokenizer_dir: Path) -> None:
         {"items": [{"role": "user", "content": texts[i % 4]}, {"role": "assistant", "content": texts[(i + 1) % 4]}],
          "condition": "GPT4" if i % 4 == 0 else "GPT3", "system": ""} for i in range(24)])
     _write_jsonl(work / "runs" / "real" / "data" / "heldout_prompts.jsonl", _questions(3))
+    _write_jsonl(work / "runs" / "real" / "data" / "heldout_prompts_20.jsonl", _questions(2))
+    _write_jsonl(work / "runs" / "real" / "data" / "heldout.jsonl", [
+        {"items": [{"role": "user", "content": texts[i % 4]}, {"role": "assistant", "content": texts[(i + 2) % 4]}],
+         "condition": condition, "system": ""} for i in range(20) for condition in ("GPT4", "GPT3")])
 
 
 def _no_inputs(work: Path, tokenizer_dir: Path) -> None:
