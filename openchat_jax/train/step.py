@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -289,27 +290,21 @@ def make_train_step(
     mesh: Mesh,
     *,
     num_classes: int,
-    micro_batches: int = 1,
-    weighted: bool = True,
-    loss_normalization: str = "token",
     rules: Rules = LOGICAL_AXIS_RULES,
     donate: bool = True,
-    fused_head: bool = True,
-    loss_chunk_length: int = 0,
-    skip_unsupervised_logits: bool = True,
+    **options: Any,
 ) -> StepFn:
-    """jit(train_step) with the state's and batch's shardings fixed; the state is donated."""
+    """jit(train_step) with the state's and batch's shardings fixed; the state is donated.
+    `options` are train_step's keyword options (micro_batches, weighted, loss_normalization,
+    fused_head, loss_chunk_length, skip_unsupervised_logits)."""
     shardings = state_shardings(model_cfg, tx, mesh, rules)
+    step_options = dict(model_cfg=model_cfg, tx=tx, schedule=schedule, num_classes=num_classes,
+                        param_shardings=shardings["params"], **options)
+    inspect.signature(train_step).bind(None, None, **step_options)  # an unknown option fails here, not at trace
 
     def step(state: TrainState, batch: Batch):
         with use_rules(mesh, rules):
-            return train_step(
-                state, batch, model_cfg=model_cfg, tx=tx, schedule=schedule, num_classes=num_classes,
-                micro_batches=micro_batches, weighted=weighted, loss_normalization=loss_normalization,
-                param_shardings=shardings["params"],
-                fused_head=fused_head, loss_chunk_length=loss_chunk_length,
-                skip_unsupervised_logits=skip_unsupervised_logits,
-            )
+            return train_step(state, batch, **step_options)
 
     return jax.jit(
         step,
