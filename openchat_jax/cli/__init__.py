@@ -61,8 +61,8 @@ class Subparsers(Protocol):
 
 class ConfigOverridesParser(Parser):
     """A command parser that takes the open-ended `--config.key=value` (or `--config.key value`)
-    items out before argparse sees them and puts them in `args.overrides` (set `parser.__class__`
-    to this)."""
+    items out before argparse sees them and puts them in `args.overrides` (`add_command(...,
+    config_overrides=True)` makes one)."""
 
     def parse_known_args(self, args=None, namespace=None):
         try:
@@ -72,6 +72,25 @@ class ConfigOverridesParser(Parser):
         namespace, extras = super().parse_known_args(rest, namespace)
         namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
         return namespace, extras
+
+
+def add_command(subparsers: Subparsers, name: str, help: str, description: str | None = None, *,
+                config_overrides: bool = False) -> argparse.ArgumentParser:
+    """The parser of a command (or of a second word: `convert hf-to-jax`). With `config_overrides` it
+    also takes `--config.key=value` items into `args.overrides`."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    if config_overrides:
+        # add_parser builds every parser of one subparsers object with the same class.
+        parser.__class__ = ConfigOverridesParser
+        parser.set_defaults(overrides=[])
+    return parser
+
+
+def add_command_group(subparsers: Subparsers, name: str, help: str, *, dest: str, metavar: str) -> Subparsers:
+    """A command whose work a second word chooses (`analyze representations`); returns the
+    subparsers that the second words are added to with `add_command`."""
+    parser = subparsers.add_parser(name, help=help)
+    return parser.add_subparsers(dest=dest, required=True, metavar=metavar)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

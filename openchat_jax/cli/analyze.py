@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import argparse
 
-from openchat_jax.cli import Subparsers
+from openchat_jax.cli import Subparsers, add_command, add_command_group
 
 
 def register(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser("analyze", help="analyses of a trained model (representations: the paper's Fig. 4)")
-    analyses = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
-    rep = analyses.add_parser(
-        "representations", help="mean-pooled last-layer states by class: 2-D plot, linear probe, silhouette",
+    analyses = add_command_group(subparsers, "analyze", "analyses of a trained model (representations: the paper's Fig. 4)",
+                                 dest="analysis", metavar="ANALYSIS")
+    rep = add_command(
+        analyses, "representations", help="mean-pooled last-layer states by class: 2-D plot, linear probe, silhouette",
         description="Embeds each conversation of a prepared dataset as the mean of the model's last-layer "
                     "hidden states over its tokens, plots a 2-D projection (UMAP if umap-learn is installed, "
                     "else PCA) coloured by class, and reports the held-out accuracy of a linear probe for the "

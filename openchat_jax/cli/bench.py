@@ -16,7 +16,7 @@ from types import ModuleType
 
 from openchat_jax.config import load_config, resolve
 from openchat_jax.errors import ConfigError
-from openchat_jax.cli import ConfigOverridesParser, Subparsers
+from openchat_jax.cli import Subparsers, add_command, add_command_group
 
 # The checkout openchat_jax was imported from; an installed wheel has no benchmarks/ beside it.
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
@@ -43,15 +43,14 @@ def load_benchmark(name: str) -> ModuleType:
 
 
 def register(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (train-step)")
-    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    step = sub.add_parser(
-        "train-step", help="train step time, tokens/s and MFU vs a measured matmul peak and vs PyTorch",
+    sub = add_command_group(subparsers, "bench", "benchmarks (train-step)", dest="what", metavar="WHAT")
+    step = add_command(
+        sub, "train-step", help="train step time, tokens/s and MFU vs a measured matmul peak and vs PyTorch",
         description="Times the jitted train step of the config's model on a synthetic batch "
                     "(train.global_batch_size x data.max_length) and, in the same run, the same step in "
                     "transformers + torch.optim.AdamW.",
+        config_overrides=True,
     )
-    step.__class__ = ConfigOverridesParser
     step.add_argument("--config", required=True, help="config file (e.g. configs/bench_50m.py)")
     step.add_argument("--rounds", type=int, default=3, help="alternating JAX/torch rounds (default 3)")
     step.add_argument("--steps-per-round", type=int, default=3, help="timed steps per round and side")
@@ -61,7 +60,7 @@ def register(subparsers: Subparsers) -> None:
     step.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     step.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n peak matmul")
     step.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    step.set_defaults(func=run_train_step, overrides=[])
+    step.set_defaults(func=run_train_step)
 
 
 def run_train_step(args: argparse.Namespace) -> int:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from openchat_jax.cli import Subparsers
+from openchat_jax.cli import Subparsers, add_command
 from openchat_jax.cli.generate import add_model_args, load
 
 
 def register(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser("chat", help="talk to a model in the terminal (multi-turn)")
+    parser = add_command(subparsers, "chat", help="talk to a model in the terminal (multi-turn)")
     add_model_args(parser)
     parser.add_argument("--system", help="system message")
     parser.set_defaults(func=run)

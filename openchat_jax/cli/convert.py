@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from openchat_jax.cli import Subparsers
+from openchat_jax.cli import Subparsers, add_command, add_command_group
 
 
 def register(subparsers: Subparsers) -> None:
     from openchat_jax.data.template import FAMILIES
 
-    parser = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and JAX")
-    sub = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    sub = add_command_group(subparsers, "convert", "convert checkpoints between Hugging Face and JAX",
+                            dest="direction", metavar="DIRECTION")
 
-    to_jax = sub.add_parser("hf-to-jax", help="HF LlamaForCausalLM / MistralForCausalLM folder (safetensors) -> JAX weights folder")
+    to_jax = add_command(sub, "hf-to-jax", help="HF LlamaForCausalLM / MistralForCausalLM folder (safetensors) -> JAX weights folder")
     to_jax.add_argument("--hf-dir", required=True, help="folder with config.json and *.safetensors")
     to_jax.add_argument("--out", required=True, help="weights folder to create (local or gs://)")
     to_jax.add_argument(
@@ -23,7 +23,7 @@ def register(subparsers: Subparsers) -> None:
     to_jax.add_argument("--overwrite", action="store_true", help="replace an existing weights folder")
     to_jax.set_defaults(func=_hf_to_jax)
 
-    to_hf = sub.add_parser("jax-to-hf", help="JAX weights folder -> HF LlamaForCausalLM / MistralForCausalLM folder (safetensors)")
+    to_hf = add_command(sub, "jax-to-hf", help="JAX weights folder -> HF LlamaForCausalLM / MistralForCausalLM folder (safetensors)")
     to_hf.add_argument("--ckpt", required=True, help="weights folder (model_config.json + params/)")
     to_hf.add_argument("--out", required=True, help="HF folder to create")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size (default 5GB)")

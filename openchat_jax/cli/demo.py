@@ -6,18 +6,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from openchat_jax.cli import ConfigOverridesParser, Subparsers
+from openchat_jax.cli import Subparsers, add_command
+
+HELP = "C-RLFT vs SFT in miniature: mixed-quality digit sorting, a tiny Llama trained on the CPU"
+DESCRIPTION = ("Generates mixed-quality digit-sorting conversations (10% from an expert that is always right, 90% "
+               "from a careless source that often sorts the wrong way round or drops repeated digits), runs prepare "
+               "-> train -> generate, and scores exact match on held-out questions under the expert and the "
+               "sub-optimal condition. Writes OUT/table.md, OUT/demo.png and OUT/results.json.")
 
 
 def register(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="C-RLFT vs SFT in miniature: mixed-quality digit sorting, a tiny Llama trained on the CPU",
-        description="Generates mixed-quality digit-sorting conversations (10% from an expert that is always right, "
-                    "90% from a careless source that often sorts the wrong way round or drops repeated digits), "
-                    "runs prepare -> train -> generate, and scores exact match on held-out questions under the "
-                    "expert and the sub-optimal condition. Writes OUT/table.md, OUT/demo.png and OUT/results.json.",
-    )
-    parser.__class__ = ConfigOverridesParser
+    parser = add_command(subparsers, "demo", HELP, DESCRIPTION, config_overrides=True)
     parser.add_argument("--ablation", action="store_true",
                         help="also SFT (all data), SFT (expert data only), C-RLFT w/o rewards and w/o conditions, "
                              "with the same budget (the paper's Table 2)")
@@ -30,7 +29,7 @@ def register(subparsers: Subparsers) -> None:
                         help="comma-separated variants instead (sft_all, sft_expert, no_weights, no_conditions, crlft)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--config", default=None, help="config file (default: the built-in configs/demo.py)")
-    parser.set_defaults(func=run, overrides=[])
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

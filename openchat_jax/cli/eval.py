@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import argparse
 
-from openchat_jax.cli import Subparsers
+from openchat_jax.cli import Subparsers, add_command
+
+HELP = "held-out NLL / perplexity per class under each condition; optionally scored answers"
+DESCRIPTION = ("Scores the held-out split of a prepared dataset (prepare with data.eval_fraction or data.eval_files) "
+               "with a weights folder: for every class, the NLL per supervised token and the perplexity under each "
+               "class condition. With --prompts, also answers a prompts file (generate's format, each record with a "
+               "'reference') greedily under each condition and scores the answers. Writes OUT/eval.json and "
+               "OUT/eval.png.")
 
 
 def register(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser(
-        "eval", help="held-out NLL / perplexity per class under each condition; optionally scored answers",
-        description="Scores the held-out split of a prepared dataset (prepare with data.eval_fraction or "
-                    "data.eval_files) with a weights folder: for every class, the NLL per supervised token and "
-                    "the perplexity under each class condition. With --prompts, also answers a prompts file "
-                    "(generate's format, each record with a 'reference') greedily under each condition and "
-                    "scores the answers. Writes OUT/eval.json and OUT/eval.png.")
+    parser = add_command(subparsers, "eval", HELP, DESCRIPTION)
     parser.add_argument("--ckpt", required=True, help="weights folder (training's final/ or convert hf-to-jax)")
     parser.add_argument("--data", required=True, help="prepared dataset folder with a held-out split")
     parser.add_argument("--conditions", help="comma-separated class names or condition texts (default: all)")

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from openchat_jax.errors import ConfigError
-from openchat_jax.cli import Subparsers
+from openchat_jax.cli import Subparsers, add_command
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +62,7 @@ def load(args: argparse.Namespace):
 
 
 def register(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="answer a JSONL prompts file (messages or MT-bench turns)")
+    parser = add_command(subparsers, "generate", help="answer a JSONL prompts file (messages or MT-bench turns)")
     add_model_args(parser)
     parser.add_argument("--prompts", required=True, help='JSONL: {"id", "messages"} or {"question_id", "turns"}')
     parser.add_argument("--out", required=True, help="JSONL file to write, one line per prompt")

@@ -19,7 +19,7 @@ from typing import MutableMapping
 
 from openchat_jax.config import load_config, resolve
 from openchat_jax.errors import ConfigError
-from openchat_jax.cli import ConfigOverridesParser, Subparsers
+from openchat_jax.cli import Subparsers, add_command
 from openchat_jax.train.mesh_spec import MESH_AXES, parse_mesh
 
 CHIP_CHOICES = ("v4", "v5e", "v5p", "h100")  # the keys of openchat_jax.train.plan.CHIPS
@@ -27,14 +27,14 @@ _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
 
 
 def register(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser(
-        "plan",
+    p = add_command(
+        subparsers, "plan",
         help="memory, FLOPs and step time of a config on a TPU/GPU mesh, compiled on fake CPU devices",
         description="Lowers and compiles the train step of CONFIG for a mesh of fake CPU devices (no parameter "
                     "memory allocated) and prints per-device memory, FLOPs per step and step time at an MFU; "
                     "override any field with --config.key=value (e.g. --config.train.micro_batches=4).",
+        config_overrides=True,
     )
-    p.__class__ = ConfigOverridesParser
     p.add_argument("--config", required=True, help="config file with get_config()")
     p.add_argument("--mesh", default=None,
                    help="AXIS=SIZE[,AXIS=SIZE] over data/fsdp/tensor, e.g. fsdp=32 or fsdp=16,tensor=2 "
@@ -44,7 +44,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--no-compile", action="store_true", help="analytic numbers only (skips XLA's memory analysis)")
     p.add_argument("--no-xla-flops", action="store_true", help="skip XLA's FLOP count")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON to FILE")
-    p.set_defaults(func=run, overrides=[])
+    p.set_defaults(func=run)
 
 
 def force_cpu_devices(num_devices: int, environ: MutableMapping[str, str] = os.environ) -> None:

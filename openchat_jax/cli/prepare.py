@@ -7,21 +7,21 @@ import argparse
 import json
 
 from openchat_jax.config import load_config, resolve
-from openchat_jax.cli import ConfigOverridesParser, Subparsers
+from openchat_jax.cli import Subparsers, add_command
 
 
 def register(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser(
-        "prepare", help="tokenize conversation files into a prepared dataset (TFDS ArrayRecord + report.json)",
+    parser = add_command(
+        subparsers, "prepare", help="tokenize conversation files into a prepared dataset (TFDS ArrayRecord + report.json)",
         description="Reads config.data (files, classes, label map, tokenizer, max_length, dataset_dir); "
-                    "override any field with --config.data.key=value.")
-    parser.__class__ = ConfigOverridesParser
+                    "override any field with --config.data.key=value.",
+        config_overrides=True)
     parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/data_sharegpt.py)")
     parser.add_argument("--progress", action="store_true", help="show TFDS progress bars")
     parser.add_argument("--verbose", action="store_true", help="show TFDS's own messages (quiet by default)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset already prepared in data.dataset_dir (refused otherwise)")
-    parser.set_defaults(func=run, overrides=[])
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

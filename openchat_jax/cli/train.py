@@ -13,16 +13,16 @@ import argparse
 import logging
 
 from openchat_jax.config import load_config, resolve
-from openchat_jax.cli import ConfigOverridesParser, Subparsers
+from openchat_jax.cli import Subparsers, add_command
 
 
 def register(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train", help="C-RLFT training on a prepared dataset",
+    parser = add_command(
+        subparsers, "train", help="C-RLFT training on a prepared dataset",
         description="Trains the model of config.model (or config.init_from) on config.data.dataset_dir; "
                     "override any field with --config.key=value.",
+        config_overrides=True,
     )
-    parser.__class__ = ConfigOverridesParser
     parser.add_argument("--config", required=True, help="config file with get_config() (e.g. configs/tiny_sharegpt.py), "
                         "or the config.json a run wrote into its workdir")
     parser.add_argument("--coordinator-address", default=None,
@@ -31,7 +31,7 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument("--num-processes", type=int, default=None, help="processes in the run (multi-process)")
     parser.add_argument("--process-id", type=int, default=None,
                         help="this process's rank, 0 .. NUM_PROCESSES-1 (multi-process)")
-    parser.set_defaults(func=run, overrides=[])
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
