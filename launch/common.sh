@@ -85,6 +85,71 @@ oc_take_value() {
   OC_VAL=$1
 }
 
+# `oc_in_list WORD 'NAME...'`: true when WORD is one of the whitespace-separated NAMEs.
+oc_in_list() {
+  local name
+  for name in $2; do
+    if [[ $1 == "$name" ]]; then
+      return 0
+    fi
+  done
+  return 1
+}
+
+# The command word, the script's first argument: `oc_command 'WORD...' "$@"` sets COMMAND when
+# it is one of the space-separated WORDs; the caller then shifts it off. No argument: the
+# script's usage() on stderr, exit 2; -h or --help: usage() on stdout, exit 0; anything else fails.
+oc_command() {
+  local words=$1
+  shift
+  if (($# == 0)); then
+    usage >&2
+    exit 2
+  fi
+  case $1 in
+    -h | --help)
+      usage
+      exit 0
+      ;;
+  esac
+  oc_in_list "$1" "$words" || oc_die "unknown command '$1' (one of: $words); see --help"
+  COMMAND=$1
+}
+
+# The options after the command word: `oc_parse_options 'FLAG...' 'OPTION...' "$@"`, each list
+# whitespace-separated names. -h/--help (usage() on stdout, exit 0) and --dry-run (OC_DRY_RUN=1)
+# are handled here; any other FLAG calls the script's set_flag NAME, and each OPTION (`--opt value`
+# or `--opt=value`, see oc_take_value) calls its set_option NAME VALUE. The arguments after `--`
+# go to the array EXTRA. An unknown option, or a value given to a flag, fails.
+oc_parse_options() {
+  local flags=$1 options=$2
+  shift 2
+  while (($#)); do
+    oc_opt "$1"
+    shift
+    if [[ $OC_OPT == -- ]]; then
+      EXTRA=("$@")
+      return 0
+    elif oc_in_list "$OC_OPT" "-h --help --dry-run $flags"; then
+      ((OC_HAS_VAL == 0)) || oc_die "option $OC_OPT takes no value"
+      case $OC_OPT in
+        -h | --help)
+          usage
+          exit 0
+          ;;
+        --dry-run) OC_DRY_RUN=1 ;;
+        *) set_flag "$OC_OPT" ;;
+      esac
+    elif oc_in_list "$OC_OPT" "$options"; then
+      oc_take_value "$OC_OPT" "$@"
+      ((OC_HAS_VAL == 1)) || shift
+      set_option "$OC_OPT" "$OC_VAL"
+    else
+      oc_die "unknown option '$OC_OPT'; see --help"
+    fi
+  done
+}
+
 # `oc_require VALUE --flag [ENV_NAME]`: fail with a message naming the flag when VALUE is empty.
 oc_require() {
   local value=$1 flag=$2 env=${3:-}
@@ -94,6 +159,14 @@ oc_require() {
     fi
     oc_die "missing required option $flag; see --help"
   fi
+}
+
+# `oc_require_run_paths CONFIG WORKDIR DATASET`: fail unless --config, --workdir and --dataset-dir
+# are all set (every train command needs the three).
+oc_require_run_paths() {
+  oc_require "$1" --config OPENCHAT_CONFIG
+  oc_require "$2" --workdir OPENCHAT_WORKDIR
+  oc_require "$3" --dataset-dir OPENCHAT_DATASET_DIR
 }
 
 oc_require_int() {
@@ -114,6 +187,16 @@ oc_train_args() {
     OC_TRAIN_ARGS+=("--config.init_from=$init_from")
   fi
   OC_TRAIN_ARGS+=("$@")
+}
+
+# The checkpoint that `export` converts: `oc_export_ckpt CKPT WORKDIR` sets OC_CKPT to CKPT, or
+# when that is empty to WORKDIR/final (then --workdir is required).
+oc_export_ckpt() {
+  OC_CKPT=$1
+  if [[ -z $OC_CKPT ]]; then
+    oc_require "$2" --workdir OPENCHAT_WORKDIR
+    OC_CKPT="$2/final"
+  fi
 }
 
 # Check `--env KEY=VALUE` items; they become an `env KEY=VALUE ...` prefix of the command.

@@ -70,65 +70,32 @@ HF_OUT=${OPENCHAT_HF_OUT:-}
 CKPT=''
 EXTRA=()
 
-if (($# == 0)); then
-  usage >&2
-  exit 2
-fi
-case $1 in
-  -h | --help)
-    usage
-    exit 0
-    ;;
-  install | prepare | import-base | train | resume | export)
-    COMMAND=$1
-    shift
-    ;;
-  *) oc_die "unknown command '$1' (one of: install prepare import-base train resume export); see --help" ;;
-esac
-
-while (($#)); do
-  oc_opt "$1"
-  shift
-  case $OC_OPT in
-    -h | --help | --dry-run)
-      ((OC_HAS_VAL == 0)) || oc_die "option $OC_OPT takes no value"
-      if [[ $OC_OPT == --dry-run ]]; then
-        OC_DRY_RUN=1
-      else
-        usage
-        exit 0
-      fi
-      ;;
-    --)
-      EXTRA=("$@")
-      break
-      ;;
-    --venv | --python | --jax-spec | --package | --config | --workdir | --dataset-dir | --init-from | \
-      --gpus | --mem-fraction | --env | --max-attempts | --retry-delay | --hf-dir | --hf-out | --ckpt)
-      oc_take_value "$OC_OPT" "$@"
-      ((OC_HAS_VAL == 1)) || shift
-      case $OC_OPT in
-        --venv) VENV=$OC_VAL ;;
-        --python) PYTHON=$OC_VAL ;;
-        --jax-spec) JAX_SPEC=$OC_VAL ;;
-        --package) PACKAGE=$OC_VAL ;;
-        --config) CONFIG=$OC_VAL ;;
-        --workdir) WORKDIR=$OC_VAL ;;
-        --dataset-dir) DATASET=$OC_VAL ;;
-        --init-from) INIT_FROM=$OC_VAL ;;
-        --gpus) GPUS=$OC_VAL ;;
-        --mem-fraction) MEM_FRACTION=$OC_VAL ;;
-        --env) ENV_ITEMS+=("$OC_VAL") ;;
-        --max-attempts) MAX_ATTEMPTS=$OC_VAL ;;
-        --retry-delay) RETRY_DELAY=$OC_VAL ;;
-        --hf-dir) HF_DIR=$OC_VAL ;;
-        --hf-out) HF_OUT=$OC_VAL ;;
-        --ckpt) CKPT=$OC_VAL ;;
-      esac
-      ;;
-    *) oc_die "unknown option '$OC_OPT'; see --help" ;;
+# Called by oc_parse_options for each option that takes a value.
+set_option() {
+  case $1 in
+    --venv) VENV=$2 ;;
+    --python) PYTHON=$2 ;;
+    --jax-spec) JAX_SPEC=$2 ;;
+    --package) PACKAGE=$2 ;;
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --dataset-dir) DATASET=$2 ;;
+    --init-from) INIT_FROM=$2 ;;
+    --gpus) GPUS=$2 ;;
+    --mem-fraction) MEM_FRACTION=$2 ;;
+    --env) ENV_ITEMS+=("$2") ;;
+    --max-attempts) MAX_ATTEMPTS=$2 ;;
+    --retry-delay) RETRY_DELAY=$2 ;;
+    --hf-dir) HF_DIR=$2 ;;
+    --hf-out) HF_OUT=$2 ;;
+    --ckpt) CKPT=$2 ;;
   esac
-done
+}
+
+oc_command 'install prepare import-base train resume export' "$@"
+shift
+oc_parse_options '' '--venv --python --jax-spec --package --config --workdir --dataset-dir --init-from
+  --gpus --mem-fraction --env --max-attempts --retry-delay --hf-dir --hf-out --ckpt' "$@"
 
 oc_require_int "$MAX_ATTEMPTS" --max-attempts
 oc_require_int "$RETRY_DELAY" --retry-delay
@@ -150,9 +117,7 @@ do_install() {
 }
 
 train_cmd() {
-  oc_require "$CONFIG" --config OPENCHAT_CONFIG
-  oc_require "$WORKDIR" --workdir OPENCHAT_WORKDIR
-  oc_require "$DATASET" --dataset-dir OPENCHAT_DATASET_DIR
+  oc_require_run_paths "$CONFIG" "$WORKDIR" "$DATASET"
   oc_train_args "$CONFIG" "$WORKDIR" "$DATASET" "$INIT_FROM" "${EXTRA[@]+"${EXTRA[@]}"}"
   TRAIN_CMD=(env "XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION")
   if [[ -n $GPUS ]]; then
@@ -198,10 +163,7 @@ case $COMMAND in
   train | resume) do_train ;;
   export)
     oc_require "$HF_OUT" --hf-out OPENCHAT_HF_OUT
-    if [[ -z $CKPT ]]; then
-      oc_require "$WORKDIR" --workdir OPENCHAT_WORKDIR
-      CKPT="$WORKDIR/final"
-    fi
-    oc_run "$BIN" convert jax-to-hf --ckpt "$CKPT" --out "$HF_OUT"
+    oc_export_ckpt "$CKPT" "$WORKDIR"
+    oc_run "$BIN" convert jax-to-hf --ckpt "$OC_CKPT" --out "$HF_OUT"
     ;;
 esac

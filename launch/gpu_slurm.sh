@@ -81,78 +81,46 @@ MEM_FRACTION=${OPENCHAT_MEM_FRACTION:-0.9}
 JOB_ARGS=() # passed through to slurm_train.sbatch
 EXTRA=()
 
-if (($# == 0)); then
-  usage >&2
-  exit 2
-fi
-case $1 in
-  -h | --help)
-    usage
-    exit 0
-    ;;
-  submit | resume)
-    COMMAND=$1
-    shift
-    ;;
-  *) oc_die "unknown command '$1' (one of: submit resume); see --help" ;;
-esac
-
-while (($#)); do
-  oc_opt "$1"
-  shift
-  case $OC_OPT in
-    -h | --help | --dry-run | --no-requeue)
-      ((OC_HAS_VAL == 0)) || oc_die "option $OC_OPT takes no value"
-      case $OC_OPT in
-        --dry-run) OC_DRY_RUN=1 ;;
-        --no-requeue) REQUEUE=0 ;;
-        *)
-          usage
-          exit 0
-          ;;
-      esac
-      ;;
-    --)
-      EXTRA=("$@")
-      break
-      ;;
-    --nodes | --gpus-per-node | --procs | --cpus-per-task | --partition | --account | --qos | --time | \
-      --job-name | --log-dir | --chain | --after | --term-before | --sbatch-arg | --config | --workdir | \
-      --dataset-dir | --init-from | --venv | --mem-fraction | --env | --srun-arg)
-      oc_take_value "$OC_OPT" "$@"
-      ((OC_HAS_VAL == 1)) || shift
-      case $OC_OPT in
-        --nodes) NODES=$OC_VAL ;;
-        --gpus-per-node) GPUS_PER_NODE=$OC_VAL ;;
-        --procs) PROCS=$OC_VAL ;;
-        --cpus-per-task) CPUS_PER_TASK=$OC_VAL ;;
-        --partition) PARTITION=$OC_VAL ;;
-        --account) ACCOUNT=$OC_VAL ;;
-        --qos) QOS=$OC_VAL ;;
-        --time) TIME=$OC_VAL ;;
-        --job-name) JOB_NAME=$OC_VAL ;;
-        --log-dir) LOG_DIR=$OC_VAL ;;
-        --chain) CHAIN=$OC_VAL ;;
-        --after) AFTER=$OC_VAL ;;
-        --term-before) TERM_BEFORE=$OC_VAL ;;
-        --sbatch-arg) SBATCH_ARGS+=("$OC_VAL") ;;
-        --config) CONFIG=$OC_VAL ;;
-        --workdir) WORKDIR=$OC_VAL ;;
-        --dataset-dir) DATASET=$OC_VAL ;;
-        --init-from) INIT_FROM=$OC_VAL ;;
-        --venv) VENV=$OC_VAL ;;
-        --mem-fraction) MEM_FRACTION=$OC_VAL ;;
-        --env | --srun-arg) JOB_ARGS+=("$OC_OPT" "$OC_VAL") ;;
-      esac
-      ;;
-    *) oc_die "unknown option '$OC_OPT'; see --help" ;;
+# Called by oc_parse_options for each flag and each option that takes a value.
+set_flag() {
+  case $1 in
+    --no-requeue) REQUEUE=0 ;;
   esac
-done
+}
+set_option() {
+  case $1 in
+    --nodes) NODES=$2 ;;
+    --gpus-per-node) GPUS_PER_NODE=$2 ;;
+    --procs) PROCS=$2 ;;
+    --cpus-per-task) CPUS_PER_TASK=$2 ;;
+    --partition) PARTITION=$2 ;;
+    --account) ACCOUNT=$2 ;;
+    --qos) QOS=$2 ;;
+    --time) TIME=$2 ;;
+    --job-name) JOB_NAME=$2 ;;
+    --log-dir) LOG_DIR=$2 ;;
+    --chain) CHAIN=$2 ;;
+    --after) AFTER=$2 ;;
+    --term-before) TERM_BEFORE=$2 ;;
+    --sbatch-arg) SBATCH_ARGS+=("$2") ;;
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --dataset-dir) DATASET=$2 ;;
+    --init-from) INIT_FROM=$2 ;;
+    --venv) VENV=$2 ;;
+    --mem-fraction) MEM_FRACTION=$2 ;;
+    --env | --srun-arg) JOB_ARGS+=("$1" "$2") ;;
+  esac
+}
+
+oc_command 'submit resume' "$@"
+shift
+oc_parse_options '--no-requeue' '--nodes --gpus-per-node --procs --cpus-per-task --partition --account --qos
+  --time --job-name --log-dir --chain --after --term-before --sbatch-arg --config --workdir --dataset-dir
+  --init-from --venv --mem-fraction --env --srun-arg' "$@"
 
 oc_require "$NODES" --nodes OPENCHAT_SLURM_NODES
-oc_require "$CONFIG" --config OPENCHAT_CONFIG
-oc_require "$WORKDIR" --workdir OPENCHAT_WORKDIR
-oc_require "$DATASET" --dataset-dir OPENCHAT_DATASET_DIR
+oc_require_run_paths "$CONFIG" "$WORKDIR" "$DATASET"
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || oc_die "--nodes must be a positive integer, got '$NODES'"
 [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] || oc_die "--gpus-per-node must be a positive integer, got '$GPUS_PER_NODE'"
 [[ -z $CPUS_PER_TASK || $CPUS_PER_TASK =~ ^[1-9][0-9]*$ ]] || oc_die "--cpus-per-task must be a positive integer, got '$CPUS_PER_TASK'"

@@ -129,91 +129,60 @@ STAGE_DIR=${OPENCHAT_STAGE_DIR:-/tmp/openchat-stage}
 WORKER=all
 EXTRA=()
 
-if (($# == 0)); then
-  usage >&2
-  exit 2
-fi
-case $1 in
-  -h | --help)
-    usage
-    exit 0
-    ;;
-  create | install | prepare | import-base | train | resume | stop | export | status | ssh | delete)
-    COMMAND=$1
-    shift
-    ;;
-  *) oc_die "unknown command '$1' (one of: create install prepare import-base train resume stop export status ssh delete); see --help" ;;
-esac
-
-while (($#)); do
-  oc_opt "$1"
-  shift
-  case $OC_OPT in
-    -h | --help | --dry-run | --queued | --spot | --preemptible | --reserved | --allow-local-paths | \
-      --recreate | --install)
-      ((OC_HAS_VAL == 0)) || oc_die "option $OC_OPT takes no value"
-      case $OC_OPT in
-        -h | --help)
-          usage
-          exit 0
-          ;;
-        --dry-run) OC_DRY_RUN=1 ;;
-        --queued) QUEUED=1 ;;
-        --spot) PROVISIONING=spot ;;
-        --preemptible) PROVISIONING=preemptible ;;
-        --reserved) PROVISIONING=reserved ;;
-        --allow-local-paths) ALLOW_LOCAL=1 ;;
-        --recreate) RECREATE=1 ;;
-        --install) FORCE_INSTALL=1 ;;
-      esac
-      ;;
-    --)
-      EXTRA=("$@")
-      break
-      ;;
-    --project | --zone | --name | --accelerator-type | --runtime-version | --valid-until | \
-      --wait-timeout | --poll-interval | --create-arg | --ssh-arg | --git-url | --ref | \
-      --jax-spec | --python-version | --remote-dir | --venv | --config | --workdir | \
-      --dataset-dir | --init-from | --env | --copy-data-to | --max-attempts | --retry-delay | \
-      --stop-timeout | --hf-dir | --hf-out | --ckpt | --stage-dir | --worker)
-      oc_take_value "$OC_OPT" "$@"
-      ((OC_HAS_VAL == 1)) || shift
-      case $OC_OPT in
-        --project) PROJECT=$OC_VAL ;;
-        --zone) ZONE=$OC_VAL ;;
-        --name) NAME=$OC_VAL ;;
-        --accelerator-type) ACCEL=$OC_VAL ;;
-        --runtime-version) RUNTIME=$OC_VAL ;;
-        --valid-until) VALID_UNTIL=$OC_VAL ;;
-        --wait-timeout) WAIT_TIMEOUT=$OC_VAL ;;
-        --poll-interval) POLL=$OC_VAL ;;
-        --create-arg) CREATE_ARGS+=("$OC_VAL") ;;
-        --ssh-arg) SSH_ARGS+=("$OC_VAL") ;;
-        --git-url) GIT_URL=$OC_VAL ;;
-        --ref) REF=$OC_VAL ;;
-        --jax-spec) JAX_SPEC=$OC_VAL ;;
-        --python-version) PYTHON_VERSION=$OC_VAL ;;
-        --remote-dir) REMOTE_DIR=$OC_VAL ;;
-        --venv) VENV=$OC_VAL ;;
-        --config) CONFIG=$OC_VAL ;;
-        --workdir) WORKDIR=$OC_VAL ;;
-        --dataset-dir) DATASET=$OC_VAL ;;
-        --init-from) INIT_FROM=$OC_VAL ;;
-        --env) ENV_ITEMS+=("$OC_VAL") ;;
-        --copy-data-to) COPY_DATA_TO=$OC_VAL ;;
-        --max-attempts) MAX_ATTEMPTS=$OC_VAL ;;
-        --retry-delay) RETRY_DELAY=$OC_VAL ;;
-        --stop-timeout) STOP_TIMEOUT=$OC_VAL ;;
-        --hf-dir) HF_DIR=$OC_VAL ;;
-        --hf-out) HF_OUT=$OC_VAL ;;
-        --ckpt) CKPT=$OC_VAL ;;
-        --stage-dir) STAGE_DIR=$OC_VAL ;;
-        --worker) WORKER=$OC_VAL ;;
-      esac
-      ;;
-    *) oc_die "unknown option '$OC_OPT'; see --help" ;;
+# Called by oc_parse_options for each flag and each option that takes a value.
+set_flag() {
+  case $1 in
+    --queued) QUEUED=1 ;;
+    --spot) PROVISIONING=spot ;;
+    --preemptible) PROVISIONING=preemptible ;;
+    --reserved) PROVISIONING=reserved ;;
+    --allow-local-paths) ALLOW_LOCAL=1 ;;
+    --recreate) RECREATE=1 ;;
+    --install) FORCE_INSTALL=1 ;;
   esac
-done
+}
+set_option() {
+  case $1 in
+    --project) PROJECT=$2 ;;
+    --zone) ZONE=$2 ;;
+    --name) NAME=$2 ;;
+    --accelerator-type) ACCEL=$2 ;;
+    --runtime-version) RUNTIME=$2 ;;
+    --valid-until) VALID_UNTIL=$2 ;;
+    --wait-timeout) WAIT_TIMEOUT=$2 ;;
+    --poll-interval) POLL=$2 ;;
+    --create-arg) CREATE_ARGS+=("$2") ;;
+    --ssh-arg) SSH_ARGS+=("$2") ;;
+    --git-url) GIT_URL=$2 ;;
+    --ref) REF=$2 ;;
+    --jax-spec) JAX_SPEC=$2 ;;
+    --python-version) PYTHON_VERSION=$2 ;;
+    --remote-dir) REMOTE_DIR=$2 ;;
+    --venv) VENV=$2 ;;
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --dataset-dir) DATASET=$2 ;;
+    --init-from) INIT_FROM=$2 ;;
+    --env) ENV_ITEMS+=("$2") ;;
+    --copy-data-to) COPY_DATA_TO=$2 ;;
+    --max-attempts) MAX_ATTEMPTS=$2 ;;
+    --retry-delay) RETRY_DELAY=$2 ;;
+    --stop-timeout) STOP_TIMEOUT=$2 ;;
+    --hf-dir) HF_DIR=$2 ;;
+    --hf-out) HF_OUT=$2 ;;
+    --ckpt) CKPT=$2 ;;
+    --stage-dir) STAGE_DIR=$2 ;;
+    --worker) WORKER=$2 ;;
+  esac
+}
+
+oc_command 'create install prepare import-base train resume stop export status ssh delete' "$@"
+shift
+oc_parse_options '--queued --spot --preemptible --reserved --allow-local-paths --recreate --install' \
+  '--project --zone --name --accelerator-type --runtime-version --valid-until --wait-timeout --poll-interval
+  --create-arg --ssh-arg --git-url --ref --jax-spec --python-version --remote-dir --venv --config --workdir
+  --dataset-dir --init-from --env --copy-data-to --max-attempts --retry-delay --stop-timeout --hf-dir
+  --hf-out --ckpt --stage-dir --worker' "$@"
 
 # ---------------------------------------------------------------- checks
 oc_require "$ZONE" --zone OPENCHAT_ZONE
@@ -260,9 +229,7 @@ default_runtime() {
 }
 
 require_run_paths() {
-  oc_require "$CONFIG" --config OPENCHAT_CONFIG
-  oc_require "$WORKDIR" --workdir OPENCHAT_WORKDIR
-  oc_require "$DATASET" --dataset-dir OPENCHAT_DATASET_DIR
+  oc_require_run_paths "$CONFIG" "$WORKDIR" "$DATASET"
   if [[ $ALLOW_LOCAL == 0 ]]; then
     local p
     for p in "--workdir:$WORKDIR" "--dataset-dir:$DATASET"; do
@@ -609,13 +576,9 @@ do_import_base() {
 
 do_export() {
   oc_require "$HF_OUT" --hf-out OPENCHAT_HF_OUT
-  local ckpt=$CKPT
-  if [[ -z $ckpt ]]; then
-    oc_require "$WORKDIR" --workdir OPENCHAT_WORKDIR
-    ckpt="$WORKDIR/final"
-  fi
+  oc_export_ckpt "$CKPT" "$WORKDIR"
   stage_for hf-out "$HF_OUT"
-  ssh_on 0 "${CLEAN}$R_BIN $(oc_quote_cmd convert jax-to-hf --ckpt "$ckpt" --out "$STAGE_OUT")$UPLOAD"
+  ssh_on 0 "${CLEAN}$R_BIN $(oc_quote_cmd convert jax-to-hf --ckpt "$OC_CKPT" --out "$STAGE_OUT")$UPLOAD"
 }
 
 case $COMMAND in
