@@ -85,7 +85,8 @@ oc_take_value() {
   OC_VAL=$1
 }
 
-# `oc_in_list WORD 'NAME...'`: true when WORD is one of the whitespace-separated NAMEs.
+# `oc_in_list WORD 'NAME...'`: true when WORD is one of the whitespace-separated NAMEs (plain
+# words: no glob characters).
 oc_in_list() {
   local name
   for name in $2; do

@@ -217,6 +217,28 @@ def test_bad_options_fail_with_a_clear_message(h: Harness, script, args, env, me
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("script,command", [("tpu_pod.sh", "train"), ("gpu_node.sh", "train"),
+                                            ("gpu_slurm.sh", "submit"), ("slurm_train.sbatch", None)])
+@pytest.mark.parametrize("args,message", [
+    (["{command} resume"], "unknown command '{command} resume'"),
+    (["--help=1"], "unknown command '--help=1'"),
+    (["{command}", "--dry-run=1"], "option --dry-run takes no value"),
+    (["{command}", "--help=1"], "option --help takes no value"),
+    (["{command}", "--config --workdir", "c.py"], "unknown option '--config --workdir'"),
+    (["{command}", "--config", "--dry-run"], "option --config needs a value, got option '--dry-run'"),
+])
+def test_command_word_and_option_names_match_exactly(h: Harness, script, command, args, message) -> None:
+    if command is None:  # slurm_train.sbatch has options only
+        if "{command}" not in args:
+            pytest.skip("no command word")
+        args = args[1:]
+    args = [a.format(command=command) for a in args]
+    proc = h.run(script, *args, dry=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message.format(command=command) in proc.stderr
+    assert proc.stdout == ""
+
+
 def test_quote_round_trips_through_bash(tmp_path: Path) -> None:
     tricky = ["plain", "", "two words", "it's", 'say "hi"', "$HOME", "a\\b", "--config.x=[1, 2]", "~/x",
               "tab\there", "new\nline", "*", "semi;colon", "-"]
