@@ -69,7 +69,10 @@ def load_config_json(path: str | Path) -> ml_collections.ConfigDict:
     if "train" in values:
         from openchat_jax.train.config import run_config_from_dict
 
-        return run_config_from_dict(values)
+        try:
+            return run_config_from_dict(values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     return ml_collections.ConfigDict(values)
 
 

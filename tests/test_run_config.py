@@ -136,3 +136,19 @@ def test_a_config_without_a_run_section_says_which():
     del values["checkpoint"]
     with pytest.raises(ConfigError, match="the config has no 'checkpoint' section"):
         resolve(values)
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "num_steps", "x", "train.num_steps takes a value of type int, got 'x'"),
+    ("model", None, "x", "model takes a value of type ConfigDict, got 'x'"),
+])
+def test_a_saved_config_json_with_a_wrong_type_names_the_file_and_field(tmp_path, section, field, value, message):
+    values = json.loads(json.dumps(base_config("tiny").to_dict()))
+    if field is None:
+        values[section] = value
+    else:
+        values[section][field] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ConfigError, match=f"^{path}: {message}$"):
+        load_config(path)

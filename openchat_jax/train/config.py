@@ -157,10 +157,19 @@ def run_config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict
             if name == "train" and "conditioned" in value:
                 value = {k: v for k, v in value.items() if k != "conditioned"}  # set through data.conditioned
             for key, field_value in value.items():
-                section[key] = field_value
+                _set_saved(section, key, field_value, f"{name}.{key}")
         else:
-            config[name] = value
+            _set_saved(config, name, value, name)
     return config
+
+
+def _set_saved(section: ml_collections.ConfigDict, key: str, value: Any, where: str) -> None:
+    """ConfigDict refuses a value of another type than the default's with a TypeError."""
+    try:
+        section[key] = value
+    except TypeError:
+        expected = type(section[key]).__name__
+        raise ConfigError(f"{where} takes a value of type {expected}, got {value!r}") from None
 
 
 # -- the typed sections (openchat_jax.config.resolve builds them; the defaults above document them) --
