@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 
 from openchat_jax.data.config import validate
 from openchat_jax.data.prepare import load_dataset_info, prepare
-from openchat_jax.data.template import ConvClass, Conversation, Message, build_example, build_prompt
+from openchat_jax.data.template import (ConvClass, Conversation, Message, TemplateBuilder, build_example,
+                                        build_prompt)
 from openchat_jax.data.tfds_builder import open_data_source
 from openchat_jax.data.tokenizer import load_tokenizer
 from openchat_jax.errors import ConfigError
@@ -133,6 +134,25 @@ def test_a_byte_level_message_is_spaced_from_its_prefix(tmp_path):
         "<|begin_of_text|>Be brief.<|end_of_turn|>GPT4 User: What is  naïve 日本語?\n<|end_of_turn|>"
         "GPT4 Assistant:<|end_of_turn|>GPT4 User: \n x <|end_of_turn|>GPT4 Assistant:")
     assert ids[ids.index(eot) + 1:][: len(ref.enc("GPT4 User: What"))] == ref.enc("GPT4 User: What")
+
+
+@pytest.mark.parametrize("build", [build_tiny_tokenizer, build_llama3_style_tokenizer], ids=["dummy prefix", "byte level"])
+@pytest.mark.parametrize("answer", ["Sure, it is.", " two  spaces\n", "\tcode()\n"])
+def test_an_answer_put_back_renders_to_the_ids_generated(tmp_path, build, answer):
+    """What generate returns for an answer's ids, put back into the conversation as the assistant's
+    message, renders to those ids again (a byte-level template spaces each message from its prefix)."""
+    tok, eot = load_tokenizer(build(tmp_path / "tok"))
+    template = TemplateBuilder(tok, eot, "openchat_v3.2")
+    question = [{"role": "user", "content": "What is it?"}]
+    prompt = template.build_prompt(question, "", "GPT4")
+    full = template.build_prompt(question + [{"role": "assistant", "content": answer},
+                                             {"role": "user", "content": "ok"}], "", "GPT4")
+    generated = full[len(prompt):full.index(eot, len(prompt))]
+    text = template.message_text(tok.decode(generated, skip_special_tokens=True))
+    assert text == answer
+    again = template.build_prompt(question + [{"role": "assistant", "content": text},
+                                              {"role": "user", "content": "ok"}], "", "GPT4")
+    assert again == full
 
 
 @pytest.mark.parametrize("pipeline, dummy_prefix", [

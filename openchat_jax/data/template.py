@@ -226,10 +226,22 @@ class TemplateBuilder:
             self._prefix_cache[key] = ids
         return self._prefix_cache[key]
 
+    @property
+    def spaces_messages(self) -> bool:
+        """Whether a non-empty message is tokenized as " " + message (no dummy prefix separates it
+        from its role prefix)."""
+        return not self.family.strip_messages and self.family.header is None and not self.encode.dummy_prefix
+
+    def message_text(self, decoded: str) -> str:
+        """The message that a generated answer's decoded text stands for: the space `texts` puts
+        before a message is taken off again, so that the answer, put back into the conversation,
+        renders to the ids the model generated."""
+        return decoded[1:] if self.spaces_messages and decoded.startswith(" ") else decoded
+
     def texts(self, system: str, messages: Sequence[Message]) -> list[str]:
         """The texts a conversation tokenizes, in order: the system text (if any), then each message."""
         contents = [m.content for m in messages]
-        if not self.family.strip_messages and self.family.header is None and not self.encode.dummy_prefix:
+        if self.spaces_messages:
             contents = [" " + t if t else t for t in contents]  # the exported template's space
         texts = ([system] if system else []) + contents
         return [t.strip() for t in texts] if self.family.strip_messages else texts

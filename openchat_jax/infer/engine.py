@@ -157,7 +157,7 @@ def answer(
             mesh=model.mesh, rules=model.rules,
         )
         for (ids, dropped), g in zip(chunk, gens):
-            text = model.tokenizer.decode(g.tokens, skip_special_tokens=True)
+            text = model.template.message_text(model.tokenizer.decode(g.tokens, skip_special_tokens=True))
             answers.append(Answer(text, g.tokens, g.finish_reason, len(ids), dropped))
         if on_batch is not None:
             on_batch(len(chunk))
