@@ -45,6 +45,11 @@ def test_the_docs_have_commands_to_check():
 
 @pytest.mark.parametrize(("doc", "line"), doc_commands())
 def test_doc_command_parses(doc, line):
+    check_command(doc, line)
+
+
+def check_command(doc: str, line: str) -> None:
+    """`line` (`openchat-jax ...`, written in `doc`) parses, and its config and overrides load."""
     argv = shlex.split(line, comments=True)[1:]
     command = next((a for a in argv if not a.startswith("-")), None)
     assert command in COMMANDS, f"{doc}: {line}"

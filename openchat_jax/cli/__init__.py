@@ -82,7 +82,6 @@ def add_command(subparsers: Subparsers, name: str, help: str, description: str |
     if config_overrides:
         # add_parser builds every parser of one subparsers object with the same class.
         parser.__class__ = ConfigOverridesParser
-        parser.set_defaults(overrides=[])
     return parser
 
 

@@ -213,6 +213,8 @@ class TemplateBuilder:
                 raise DataError(f"template {self.family.name}: the tokenizer lacks {list(self.family.header)}")
             self._header_ids = (int(ids[0]), int(ids[1]))
         self._prefix_cache: dict[tuple[str, str], list[int]] = {}
+        # A non-empty message is tokenized as " " + message when no dummy prefix separates it from its role prefix.
+        self.spaces_messages = not self.family.strip_messages and self.family.header is None and not self.encode.dummy_prefix
 
     def prefix_ids(self, role: str, condition: str) -> list[int]:
         key = (role, condition)
@@ -225,12 +227,6 @@ class TemplateBuilder:
                 ids = [self._header_ids[0], *name, self._header_ids[1], *separator]
             self._prefix_cache[key] = ids
         return self._prefix_cache[key]
-
-    @property
-    def spaces_messages(self) -> bool:
-        """Whether a non-empty message is tokenized as " " + message (no dummy prefix separates it
-        from its role prefix)."""
-        return not self.family.strip_messages and self.family.header is None and not self.encode.dummy_prefix
 
     def message_text(self, decoded: str) -> str:
         """The message that a generated answer's decoded text stands for: the space `texts` puts
